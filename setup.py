@@ -1,0 +1,32 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dalle_jax",
+    version="0.1.0",
+    description="Train DALL·E-mini-style text-to-image models in JAX/Flax, from one CPU to a TPU pod.",
+    packages=find_packages(include=["dalle_jax", "dalle_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.10.2,<0.11",
+        "jaxlib>=0.10.2,<0.11",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.8,<0.13",
+        "grain>=0.2.18,<0.3",
+        "array_record>=0.8,<0.9",
+        "tensorflow-datasets>=4.9.10,<4.10",
+        "tensorflow-cpu>=2.21,<2.22",
+        "sentencepiece>=0.2.1,<0.3",
+        "ml_collections>=1.1,<2",
+        "clu>=0.0.12,<0.1",
+        "pillow>=11,<14",
+        "safetensors>=0.6,<0.9",
+        "tqdm>=4.67,<5",
+        "numpy>=2.0,<3",
+    ],
+    extras_require={
+        "test": ["pytest>=8,<10"],
+        "torch": ["torch==2.13.0"],
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+    },
+)
