@@ -16,6 +16,9 @@ setup(
         "array_record>=0.8,<0.9",
         "tensorflow-datasets>=4.9.10,<4.10",
         "tensorflow-cpu>=2.21,<2.22",
+        "tensorboard>=2.21,<2.22",
+        "importlib_resources>=6,<8",  # tensorflow-datasets uses it to locate builder code but does not declare it.
+        "scipy>=1.13,<2",
         "sentencepiece>=0.2.1,<0.3",
         "ml_collections>=1.1,<2",
         "clu>=0.0.12,<0.1",

@@ -1,0 +1,35 @@
+"""The published-scale VQGAN recipe: f16 downsampling, 16384 codes of dimension 256, 256x256 images.
+
+Architecture as taming-transformers' f16_16384 model, so its weights import without surgery; mesh and batch sized
+for a TPU pod slice (FSDP over all devices).
+"""
+import ml_collections
+
+from configs import vqgan_common
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    del arg
+    config = vqgan_common.base_config(image_size=256)
+    config.num_steps = 400_000  # Optimizer steps in total.
+    config.log_every = 100  # Steps between training-metric lines.
+    config.eval_every = 5000  # Steps between evaluations on `validation`.
+    config.checkpoint_every = 2000  # Steps between checkpoints.
+    config.mesh.data = 1  # Data-parallel axis (the batch is split over fsdp too).
+    config.mesh.fsdp = -1  # Parameters and optimizer state sharded over every device.
+    config.data.batch_size = 256  # Global batch size.
+    config.data.eval_batches = 20  # Validation batches per evaluation.
+    config.model.ch = 128  # Base channel count.
+    config.model.ch_mult = (1, 1, 2, 2, 4)  # f16: 256x256 images -> 16x16 codes.
+    config.model.num_res_blocks = 2  # Residual blocks per level.
+    config.model.attn_resolutions = (16,)  # Self-attention at the 16x16 level.
+    config.model.z_channels = 256  # Encoder output channels.
+    config.model.embed_dim = 256  # Code dimension.
+    config.model.codebook_size = 16384  # Number of codes.
+    config.model.dtype = "bfloat16"  # Compute in bf16 on TPU, f32 master weights.
+    config.disc.ch = 64  # Discriminator base channels.
+    config.disc.num_layers = 3  # PatchGAN depth.
+    config.loss.disc_start = 250_001  # GAN loss from this step on, once reconstructions are good.
+    config.optimizer.learning_rate = 4.5e-6 * 256  # Base rate scaled by the global batch.
+    config.optimizer.warmup_steps = 2000  # Linear warmup steps.
+    return config

@@ -1,0 +1,71 @@
+"""grain input pipelines: per-process shards, seeded shuffling, checkpointable iterators, global batches.
+
+Each process reads every `process_count`-th example of the source, so processes never overlap; the iterator's
+position is part of every checkpoint, so a resumed run sees exactly the batches an uninterrupted run would.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterator, Mapping
+
+import grain
+import jax
+import numpy as np
+
+Example = Mapping[str, object]
+Transform = Callable[[Example], dict]
+
+
+def as_text(value) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return str(value)
+
+
+def per_process_batch(global_batch: int) -> int:
+    if global_batch % jax.process_count():
+        raise ValueError(f"config.data.batch_size={global_batch} is not divisible by the {jax.process_count()} "
+                         "processes; use a multiple of the process count.")
+    return global_batch // jax.process_count()
+
+
+def _process_shard(source) -> grain.MapDataset:
+    return grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
+
+
+def train_iterator(source, transform: Transform, *, global_batch: int, seed: int, read_threads: int = 2,
+                   prefetch: int = 4) -> grain.DatasetIterator:
+    """An endless, reshuffled-every-epoch iterator of this process's share of each global batch."""
+    local_batch = per_process_batch(global_batch)
+    ds = _process_shard(source)
+    if len(ds) < local_batch:
+        raise ValueError(f"This process's share of the training split has {len(ds)} examples, fewer than its "
+                         f"{local_batch} examples per batch; lower config.data.batch_size or use more data.")
+    ds = ds.shuffle(seed=seed).repeat().map(transform).batch(local_batch, drop_remainder=True)
+    options = grain.ReadOptions(num_threads=max(read_threads, 0), prefetch_buffer_size=max(prefetch, 0))
+    return iter(ds.to_iter_dataset(options))
+
+
+def eval_batches(source, transform: Transform, *, global_batch: int, num_batches: int = -1,
+                 read_threads: int = 2) -> Iterator[dict]:
+    """This process's share of the first `num_batches` full global batches of a split, in order (-1: all)."""
+    local_batch = per_process_batch(global_batch)
+    ds = _process_shard(source)
+    available = len(ds) // local_batch
+    count = available if num_batches < 0 else min(num_batches, available)
+    if count == 0:
+        raise ValueError(f"The evaluation split has {len(ds)} examples per process, fewer than one batch of "
+                         f"{local_batch}; lower config.data.batch_size.")
+    ds = ds[: count * local_batch].map(transform).batch(local_batch, drop_remainder=True)
+    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=max(read_threads, 0), prefetch_buffer_size=2)))
+
+
+def image_transform(image_key: str, image_size: int) -> Transform:
+    """Keeps just the image, checking that it is the size the model is built for."""
+    def transform(example: Example) -> dict:
+        image = np.asarray(example[image_key])
+        if image.shape != (image_size, image_size, 3) or image.dtype != np.uint8:
+            raise ValueError(f"Image feature {image_key!r} has shape {image.shape} and dtype {image.dtype}; the "
+                             f"model needs uint8 ({image_size}, {image_size}, 3). Set config.data.image_size to "
+                             "the dataset's size or prepare the dataset at the model's size.")
+        return {"image": image}
+    return transform

@@ -1,0 +1,47 @@
+"""Checkpoints of a whole run: the train state (params, optimizer states, step) and the data iterator's position.
+
+Saves are asynchronous (the train step goes on while orbax writes); only complete checkpoints are ever listed, so
+a run killed mid-save resumes from the newest complete one.
+"""
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+
+def abstract_like(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings, for restoring straight into place."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class Checkpointer:
+    def __init__(self, workdir: str, *, keep: int, save_every: int):
+        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, save_interval_steps=max(save_every, 1), create=True,
+            enable_async_checkpointing=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  data=grain.checkpoint.CheckpointSave(data_iterator))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_state, data_iterator):
+        """Restores the state into the shardings `abstract_state` carries, and rewinds the iterator in place."""
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
+                                  data=grain.checkpoint.CheckpointRestore(data_iterator))
+        return self.manager.restore(step, args=args)["state"]
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
