@@ -1,0 +1,150 @@
+"""Trains the VQGAN image tokenizer: data -> sharded state -> compiled steps -> metrics and checkpoints.
+
+Read top to bottom; every piece it calls is a small module of its own.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from dalle_jax import parallel
+from dalle_jax.data import pipeline, sources
+from dalle_jax.trainers import vqgan_step
+from dalle_jax.training import checkpointing, metrics as metrics_lib, workdir as workdir_lib
+from dalle_jax.training.progress import Progress
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict | None:
+    """Runs (or resumes) training in `workdir`; returns the final test-split figures.
+
+    `stop_after` ends this invocation once that step is trained and checkpointed (for time-sliced jobs); a later
+    call resumes from there. It returns None then.
+    """
+    # 1. Devices and the run's record.
+    mesh = parallel.make_mesh(config.mesh)
+    parallel.check_global_batch(config.data.batch_size, mesh)
+    workdir_lib.save_config(config, workdir)
+
+    # 2. Data: prepared on first use, read by grain with a checkpointable position.
+    builder = sources.prepare(config.data)
+    transform = pipeline.image_transform(config.data.image_key, config.data.image_size)
+    train_iter = pipeline.train_iterator(
+        sources.open_split(builder, "train", config.data), transform, global_batch=config.data.batch_size,
+        seed=config.seed, read_threads=config.data.read_threads, prefetch=config.data.prefetch)
+
+    # 3. State, built directly in its sharding, or restored from the newest checkpoint.
+    setup, state, shardings = vqgan_step.create(config, mesh)
+    checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                              save_every=config.checkpoint_every)
+    start = checkpointer.latest_step()
+    if start is not None:
+        logging.info("Resuming from step %d in %s", start, checkpointer.directory)
+        state = checkpointer.restore(start, checkpointing.abstract_like(state, shardings), train_iter)
+    start = int(start or 0)
+    writer = metrics_lib.MetricsWriter(workdir)
+    writer.drop_after(start)
+
+    # 4. Compiled steps with explicit shardings; the train step donates the old state.
+    batch_sh = parallel.batch_sharding(mesh)
+    train_step = jax.jit(functools.partial(vqgan_step.train_step, setup), in_shardings=(shardings, batch_sh),
+                         out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    eval_step = jax.jit(functools.partial(vqgan_step.eval_step, setup),
+                        in_shardings=(shardings["params"], batch_sh))
+    evaluate = functools.partial(_evaluate, setup, eval_step, mesh, builder, transform)
+
+    # 5. The loop: step, log, evaluate, checkpoint.
+    progress = Progress(config.num_steps, start, "vqgan")
+    pending, window_start = [], time.perf_counter()
+    for step in range(start + 1, config.num_steps + 1):
+        batch = parallel.global_batch(next(train_iter), mesh)
+        state, step_metrics = train_step(state, batch)
+        pending.append(step_metrics)
+        progress.advance()
+        if step % config.log_every == 0 or step == config.num_steps:
+            figures = _mean(pending)
+            elapsed = time.perf_counter() - window_start
+            figures["steps_per_s"] = len(pending) / elapsed
+            figures["images_per_s"] = len(pending) * config.data.batch_size / elapsed
+            writer.write_scalars(step, {f"train/{k}": v for k, v in figures.items()})
+            progress.show({"loss": figures["loss"], "psnr": figures["psnr"],
+                           "usage": figures["batch_codebook_usage"]})
+            pending, window_start = [], time.perf_counter()
+        if step % config.eval_every == 0 or step == config.num_steps:
+            figures, grid = evaluate(state["params"], "validation", config.data.eval_batches)
+            writer.write_scalars(step, {f"eval/{k}": v for k, v in figures.items()})
+            writer.write_images(step, {"eval/reconstructions": grid})
+            window_start = time.perf_counter()
+        checkpointer.save(step, state, train_iter, force=step in (config.num_steps, stop_after))
+        if step == stop_after:
+            break
+    progress.close()
+    checkpointer.close()
+    if stop_after is not None and stop_after < config.num_steps:
+        writer.close()
+        return None
+
+    # 6. Final figures on the test split, judged against each image's scene where the dataset has scenes.
+    final, _ = evaluate(state["params"], "test", -1, judge=True)
+    writer.write_scalars(config.num_steps, {f"test/{k}": v for k, v in final.items()})
+    writer.close()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
+            json.dump({"step": config.num_steps, **final}, f, indent=2)
+    return final
+
+
+def _mean(step_metrics: list[dict]) -> dict:
+    fetched = jax.device_get(step_metrics)
+    return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+
+
+def _evaluate(setup, eval_step, mesh, builder, transform, params, split: str, num_batches: int, judge: bool = False):
+    """Reconstruction figures over a split: loss, PSNR, codebook usage and perplexity (and judge accuracy)."""
+    config = setup.config
+    source = sources.open_split(builder, split, config.data)
+    batches = pipeline.eval_batches(source, transform, global_batch=config.data.batch_size,
+                                    num_batches=num_batches, read_threads=config.data.read_threads)
+    losses, psnr_sum, count, counts, shown = [], 0.0, 0, 0, None
+    reconstructions = []
+    for local in batches:
+        out = jax.device_get(eval_step(params, parallel.global_batch(local, mesh)))
+        losses.append(float(out["reconstruction"]))
+        psnr_sum += float(out["psnr_sum"])
+        count += out["indices"].shape[0]
+        counts = counts + out["counts"]
+        if shown is None:
+            n = min(config.num_recon_images, out["reconstructions"].shape[0])
+            originals = np.asarray(local["image"])[:n] if jax.process_count() == 1 else None
+            shown = out["reconstructions"][:n] if originals is None else np.concatenate(
+                [originals, out["reconstructions"][:n]])
+        if judge:
+            reconstructions.append(out["reconstructions"])
+    figures = dict(reconstruction=float(np.mean(losses)), psnr=psnr_sum / count,
+                   codebook_usage=float(np.mean(counts > 0)),
+                   codebook_perplexity=_perplexity(counts),
+                   codebook_size=float(config.model.codebook_size), examples=float(count))
+    if judge and config.data.dataset == "captioned_shapes":
+        figures.update(_judge_reconstructions(source, np.concatenate(reconstructions)))
+    grid = metrics_lib.image_grid(shown, columns=min(config.num_recon_images, shown.shape[0]))
+    return figures, grid
+
+
+def _perplexity(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(np.exp(-np.sum(p * np.log(p))))
+
+
+def _judge_reconstructions(source, reconstructions: np.ndarray) -> dict:
+    from dalle_jax.eval import judge
+    if jax.process_count() > 1:
+        return {}  # Reconstructions of other processes' examples are not gathered here.
+    results = [judge.judge(image, judge.scene_from_example(source[i])) for i, image in enumerate(reconstructions)]
+    summary = judge.aggregate(results)
+    return {f"judge_{k}": v for k, v in summary.items()}
