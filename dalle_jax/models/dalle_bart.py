@@ -1,0 +1,179 @@
+"""DalleBart: the BART-style encoder-decoder that predicts image tokens from caption tokens.
+
+The encoder reads text ids (BART ids, `<pad>`=1 masked out of attention); the decoder reads
+`[start] + image_tokens[:-1]` (start id = image_vocab_size) and returns float32 logits over the image
+vocabulary padded to a multiple of `vocab_multiple`, where every column that is not a codebook index is
+pushed to -1e9. Layer layout and module names follow DALL·E mini / min-dalle.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from dalle_jax.models import transformer_layers as tl
+
+TEXT_PAD_ID = 1
+MASKED_LOGIT = -1e9
+CONFIG_FIELDS = (
+    "text_vocab_size", "text_length", "image_vocab_size", "image_length", "d_model", "encoder_layers",
+    "decoder_layers", "heads", "ffn_dim", "ffn", "dropout", "dtype", "param_dtype", "scan_layers", "remat",
+    "vocab_multiple",
+)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def padded_image_vocab_size(image_vocab_size: int, vocab_multiple: int) -> int:
+    """Width of the output head: codebook + start token, rounded up to a multiple of `vocab_multiple`."""
+    return -(-(image_vocab_size + 1) // vocab_multiple) * vocab_multiple
+
+
+def teacher_forcing_inputs(image_tokens: jax.Array, start_token: int) -> jax.Array:
+    """(B, L) image tokens -> decoder inputs `[start] + tokens[:-1]`."""
+    start = jnp.full((image_tokens.shape[0], 1), start_token, dtype=image_tokens.dtype)
+    return jnp.concatenate([start, image_tokens[:, :-1]], axis=1)
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+    missing = [f for f in CONFIG_FIELDS if f not in cfg]
+    if missing:
+        raise ValueError(f"DalleBart config lacks field(s) {missing}; it needs exactly {list(CONFIG_FIELDS)}.")
+    extra = [f for f in cfg.keys() if f not in CONFIG_FIELDS]
+    if extra:
+        raise ValueError(f"DalleBart config has unknown field(s) {extra}; the fields are {list(CONFIG_FIELDS)}.")
+    for field in ("text_vocab_size", "text_length", "image_vocab_size", "image_length", "d_model",
+                  "encoder_layers", "decoder_layers", "heads", "ffn_dim", "vocab_multiple"):
+        if int(cfg[field]) < 1:
+            raise ValueError(f"config.{field}={cfg[field]} must be a positive integer.")
+    if cfg.text_vocab_size <= TEXT_PAD_ID:
+        raise ValueError(f"config.text_vocab_size={cfg.text_vocab_size} must include the BART special ids 0-3.")
+    if cfg.d_model % cfg.heads:
+        raise ValueError(f"config.d_model={cfg.d_model} is not divisible by config.heads={cfg.heads}; "
+                         f"choose heads dividing d_model.")
+    if cfg.ffn not in tl.FFN_KINDS:
+        raise ValueError(f"config.ffn={cfg.ffn!r} is unknown; use one of {tl.FFN_KINDS}.")
+    if cfg.remat != "none" and cfg.remat not in tl.REMAT_POLICIES:
+        raise ValueError(f"config.remat={cfg.remat!r} is unknown; use 'none' or one of {tuple(tl.REMAT_POLICIES)}.")
+    for field in ("dtype", "param_dtype"):
+        if cfg[field] not in DTYPES:
+            raise ValueError(f"config.{field}={cfg[field]!r} is unknown; use one of {tuple(DTYPES)}.")
+    if not 0.0 <= cfg.dropout < 1.0:
+        raise ValueError(f"config.dropout={cfg.dropout} must be in [0, 1).")
+
+
+def _check_ids(name: str, ids: jax.Array, max_length: int, field: str) -> None:
+    if ids.ndim != 2:
+        raise ValueError(f"{name} must have shape (batch, length), got shape {ids.shape}.")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{name} must hold integer token ids, got dtype {ids.dtype}.")
+    if ids.shape[1] > max_length:
+        raise ValueError(f"{name} has length {ids.shape[1]} > config.{field}={max_length}; "
+                         f"truncate the input or raise config.{field}.")
+
+
+def _embedding(num: int, features: int, names: tuple[str, str], **kw) -> nnx.Embed:
+    return nnx.Embed(num, features, embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), names), **kw)
+
+
+class Encoder(nnx.Module):
+    """Token + position embeddings, LayerNorm, bidirectional layers (`<pad>` keys masked), final LayerNorm."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        kw = dict(dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
+        self.scan_layers, self.remat = bool(cfg.scan_layers), str(cfg.remat)
+        self.embed_tokens = _embedding(cfg.text_vocab_size, cfg.d_model, ("vocab", "embed"), **kw)
+        self.embed_positions = _embedding(cfg.text_length, cfg.d_model, ("length", "embed"), **kw)
+        self.layernorm_embedding = tl.layer_norm(cfg.d_model, **kw)
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.layers = tl.create_layer_stack(
+            lambda r: tl.EncoderLayer(cfg.d_model, cfg.heads, cfg.ffn_dim, cfg.ffn, cfg.dropout, dtype=kw["dtype"],
+                                      param_dtype=kw["param_dtype"], rngs=r),
+            cfg.encoder_layers, scan=self.scan_layers, rngs=rngs)
+        self.final_ln = tl.layer_norm(cfg.d_model, **kw)
+
+    def __call__(self, text_ids: jax.Array, *, deterministic: bool) -> jax.Array:
+        x = self.embed_tokens(text_ids) + self.embed_positions(jnp.arange(text_ids.shape[1]))[None]
+        x = self.dropout(self.layernorm_embedding(x), deterministic=deterministic)
+        mask = tl.key_padding_mask(text_ids, TEXT_PAD_ID)
+        x = tl.apply_layer_stack(self.layers, x, mask, scan=self.scan_layers, remat=self.remat,
+                                 deterministic=deterministic)
+        return self.final_ln(x)
+
+
+class Decoder(nnx.Module):
+    """Image-token + position embeddings, LayerNorm, causal layers with cross-attention over the text,
+    final LayerNorm, untied output head."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        kw = dict(dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
+        self.scan_layers, self.remat = bool(cfg.scan_layers), str(cfg.remat)
+        self.image_vocab_size = int(cfg.image_vocab_size)
+        self.padded_vocab_size = padded_image_vocab_size(cfg.image_vocab_size, cfg.vocab_multiple)
+        self.embed_tokens = _embedding(cfg.image_vocab_size + 1, cfg.d_model, ("vocab", "embed"), **kw)
+        self.embed_positions = _embedding(cfg.image_length, cfg.d_model, ("length", "embed"), **kw)
+        self.layernorm_embedding = tl.layer_norm(cfg.d_model, **kw)
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
+        self.layers = tl.create_layer_stack(
+            lambda r: tl.DecoderLayer(cfg.d_model, cfg.heads, cfg.ffn_dim, cfg.ffn, cfg.dropout, dtype=kw["dtype"],
+                                      param_dtype=kw["param_dtype"], rngs=r),
+            cfg.decoder_layers, scan=self.scan_layers, rngs=rngs)
+        self.final_ln = tl.layer_norm(cfg.d_model, **kw)
+        self.lm_head = tl.dense(cfg.d_model, self.padded_vocab_size, ("embed", "vocab"), **kw)
+
+    def __call__(self, image_input_ids: jax.Array, encoder_states: jax.Array, text_ids: jax.Array, *,
+                 deterministic: bool) -> jax.Array:
+        length = image_input_ids.shape[1]
+        x = self.embed_tokens(image_input_ids) + self.embed_positions(jnp.arange(length))[None]
+        x = self.dropout(self.layernorm_embedding(x), deterministic=deterministic)
+        x = tl.apply_layer_stack(
+            self.layers, x, encoder_states, tl.causal_mask(length), tl.key_padding_mask(text_ids, TEXT_PAD_ID),
+            scan=self.scan_layers, remat=self.remat, deterministic=deterministic)
+        logits = self.lm_head(self.final_ln(x)).astype(jnp.float32)
+        is_codebook_index = jnp.arange(self.padded_vocab_size) < self.image_vocab_size
+        return jnp.where(is_codebook_index, logits, MASKED_LOGIT)
+
+
+class DalleBart(nnx.Module):
+    """Text ids -> image-token logits. `rngs` needs a "params" stream, and a "dropout" stream for training."""
+
+    def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+        validate_config(cfg)
+        try:
+            rngs["dropout"]
+        except KeyError:
+            raise ValueError('DalleBart needs a "dropout" rng stream: pass nnx.Rngs(params=..., dropout=...).') from None
+        self.text_length = int(cfg.text_length)
+        self.image_length = int(cfg.image_length)
+        self.image_vocab_size = int(cfg.image_vocab_size)
+        self.start_token = int(cfg.image_vocab_size)
+        self.encoder = Encoder(cfg, rngs=rngs)
+        self.decoder = Decoder(cfg, rngs=rngs)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.decoder.padded_vocab_size
+
+    def encode(self, text_ids: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        """(B, Lt) text ids, Lt <= text_length -> (B, Lt, d_model) encoder states."""
+        _check_ids("text_ids", text_ids, self.text_length, "text_length")
+        return self.encoder(text_ids, deterministic=deterministic)
+
+    def decode(self, image_input_ids: jax.Array, encoder_states: jax.Array, text_ids: jax.Array, *,
+               deterministic: bool = True) -> jax.Array:
+        """Teacher-forced decoder: (B, L) inputs `[start] + tokens[:-1]`, L <= image_length ->
+        (B, L, padded_vocab_size) float32 logits; `text_ids` supplies the cross-attention padding mask."""
+        _check_ids("image_input_ids", image_input_ids, self.image_length, "image_length")
+        _check_ids("text_ids", text_ids, self.text_length, "text_length")
+        if encoder_states.shape[:2] != text_ids.shape:
+            raise ValueError(f"encoder_states shape {encoder_states.shape} does not match text_ids shape "
+                             f"{text_ids.shape}; pass the states that encode() returned for these text_ids.")
+        if image_input_ids.shape[0] != text_ids.shape[0]:
+            raise ValueError(f"image_input_ids batch {image_input_ids.shape[0]} != text_ids batch "
+                             f"{text_ids.shape[0]}.")
+        return self.decoder(image_input_ids, encoder_states, text_ids, deterministic=deterministic)
+
+    def __call__(self, text_ids: jax.Array, image_input_ids: jax.Array, *, deterministic: bool = True) -> jax.Array:
+        _check_ids("image_input_ids", image_input_ids, self.image_length, "image_length")
+        encoder_states = self.encode(text_ids, deterministic=deterministic)
+        return self.decode(image_input_ids, encoder_states, text_ids, deterministic=deterministic)
