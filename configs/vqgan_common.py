@@ -37,6 +37,7 @@ def base_config(image_size: int) -> ml_collections.ConfigDict:
     config.data.text_key = "caption"  # Caption feature of the dataset.
     config.data.image_size = image_size_ref  # Side of the square training images.
     config.data.batch_size = 32  # Global batch size (all devices and processes together).
+    config.data.eval_batch_size = 64  # Global batch size of evaluation (forward passes only).
     config.data.eval_batches = -1  # Validation batches per evaluation (-1: the whole split, remainder dropped).
     config.data.read_threads = 2  # Threads decoding examples for each process.
     config.data.prefetch = 4  # Batches prepared ahead of the train step.

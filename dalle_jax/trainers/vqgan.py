@@ -30,6 +30,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     # 1. Devices and the run's record.
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_global_batch(config.data.batch_size, mesh)
+    parallel.check_global_batch(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
     workdir_lib.save_config(config, workdir)
 
     # 2. Data: prepared on first use, read by grain with a checkpointable position.
@@ -109,7 +110,7 @@ def _evaluate(setup, eval_step, mesh, builder, transform, params, split: str, nu
     """Reconstruction figures over a split: loss, PSNR, codebook usage and perplexity (and judge accuracy)."""
     config = setup.config
     source = sources.open_split(builder, split, config.data)
-    batches = pipeline.eval_batches(source, transform, global_batch=config.data.batch_size,
+    batches = pipeline.eval_batches(source, transform, global_batch=config.data.eval_batch_size,
                                     num_batches=num_batches, read_threads=config.data.read_threads)
     losses, psnr_sum, count, counts, shown = [], 0.0, 0, 0, None
     reconstructions = []
