@@ -32,10 +32,15 @@ SCRIPT = textwrap.dedent("""
         reference = grad(params, x)
         shardings = parallel.state_shardings(state, mesh, config.sharding_rules)
         sharded = grad(jax.device_put(params, shardings), jax.device_put(x, parallel.batch_sharding(mesh)))
-        for ref, got in zip(jax.tree.leaves(reference), jax.tree.leaves(sharded)):
-            scale = float(jnp.max(jnp.abs(ref))) + 1e-12
+        # Relative to the largest gradient of the model: some leaves (a conv bias feeding a GroupNorm) have a
+        # gradient that is zero up to rounding, where a per-leaf ratio would only compare noise.
+        scale = max(float(jnp.max(jnp.abs(ref))) for ref in jax.tree.leaves(reference))
+        for path, ref in jax.tree_util.tree_leaves_with_path(reference):
+            got = sharded[0] if path[0].idx == 0 else sharded[1]
+            for key in path[1:]:
+                got = got[key.key]
             error = float(jnp.max(jnp.abs(ref - got))) / scale
-            assert error < 1e-4, (name, error)
+            assert error < 1e-5, (name, jax.tree_util.keystr(path), error)
         print(name, "ok")
 """)
 
