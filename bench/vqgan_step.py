@@ -29,6 +29,19 @@ def load_config(spec: str):
     return module.get_config(arg)
 
 
+def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
+    """The f32 matmul rate of this machine, measured here: the yardstick for the step's GFLOP/s."""
+    a = jax.numpy.ones((size, size), jax.numpy.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return 2 * size ** 3 / statistics.median(times) / 1e9
+
+
 def measure(config, steps: int, gan_on: bool) -> dict:
     config = config.copy_and_resolve_references()
     config.loss.disc_start = 0 if gan_on else config.num_steps
@@ -64,12 +77,17 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     config = load_config(args.config)
+    peak = matmul_peak_gflops()
     results = [measure(config, args.steps, gan_on) for gan_on in (False, True)]
+    print(f"f32 matmul peak measured here: {peak:.1f} GFLOP/s")
     for r in results:
+        r["fraction_of_matmul_peak"] = r["gflop_per_s"] / peak
         print(f"gan {'on ' if r['gan_on'] else 'off'}: step {r['step_s'] * 1e3:.1f} ms (median of {args.steps}), "
               f"{r['images_per_s']:.1f} images/s, {r['gflop_per_step']:.2f} GFLOP/step, "
-              f"{r['gflop_per_s']:.1f} GFLOP/s, compile {r['compile_s']:.1f} s")
+              f"{r['gflop_per_s']:.1f} GFLOP/s = {r['fraction_of_matmul_peak']:.0%} of the matmul peak, "
+              f"compile {r['compile_s']:.1f} s")
     print(json.dumps(dict(benchmark="vqgan_step", config=args.config, batch_size=config.data.batch_size,
+                          matmul_peak_gflop_per_s=peak,
                           devices=jax.device_count(), platform=jax.devices()[0].platform,
                           machine=f"{platform.machine()} x{os.cpu_count()}", results=results)))
 
