@@ -61,6 +61,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.loss.disc_start = 6
         config.optimizer.warmup_steps = 2
         config.codebook_restart.every = 4
+        config.codebook_restart.decay = 0.5  # Short memory, so unused codes count as dead within a few steps.
+        config.codebook_restart.threshold = 0.1
     elif arg:
         raise ValueError(f"Unknown variant {arg!r} of configs/shapes_vqgan.py; use '' or 'tiny'.")
     return config

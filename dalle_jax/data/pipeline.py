@@ -21,10 +21,10 @@ def as_text(value) -> str:
     return str(value)
 
 
-def per_process_batch(global_batch: int) -> int:
+def per_process_batch(global_batch: int, field: str = "config.data.batch_size") -> int:
     if global_batch % jax.process_count():
-        raise ValueError(f"config.data.batch_size={global_batch} is not divisible by the {jax.process_count()} "
-                         "processes; use a multiple of the process count.")
+        raise ValueError(f"{field}={global_batch} is not divisible by the {jax.process_count()} processes; use a "
+                         "multiple of the process count.")
     return global_batch // jax.process_count()
 
 
@@ -48,13 +48,14 @@ def train_iterator(source, transform: Transform, *, global_batch: int, seed: int
 def eval_batches(source, transform: Transform, *, global_batch: int, num_batches: int = -1,
                  read_threads: int = 2) -> Iterator[dict]:
     """This process's share of the first `num_batches` full global batches of a split, in order (-1: all)."""
-    local_batch = per_process_batch(global_batch)
-    ds = _process_shard(source)
-    available = len(ds) // local_batch
+    local_batch = per_process_batch(global_batch, "config.data.eval_batch_size")
+    # Counted on the whole split, so every process runs the same number of (collective) eval steps.
+    available = len(source) // global_batch
     count = available if num_batches < 0 else min(num_batches, available)
     if count == 0:
-        raise ValueError(f"The evaluation split has {len(ds)} examples per process, fewer than one batch of "
-                         f"{local_batch}; lower config.data.batch_size.")
+        raise ValueError(f"The evaluation split has {len(source)} examples, fewer than one batch of "
+                         f"{global_batch}; lower config.data.eval_batch_size.")
+    ds = _process_shard(source)
     ds = ds[: count * local_batch].map(transform).batch(local_batch, drop_remainder=True)
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=max(read_threads, 0), prefetch_buffer_size=2)))
 

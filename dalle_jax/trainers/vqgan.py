@@ -49,6 +49,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         logging.info("Resuming from step %d in %s", start, checkpointer.directory)
         state = checkpointer.restore(start, checkpointing.abstract_like(state, shardings), train_iter)
     start = int(start or 0)
+    if stop_after is not None and start >= stop_after:
+        return None
     writer = metrics_lib.MetricsWriter(workdir)
     writer.drop_after(start)
 

@@ -67,3 +67,8 @@ def test_wrong_image_size_is_a_clear_error():
 def test_too_small_split_is_a_clear_error():
     with pytest.raises(ValueError, match="config.data.batch_size"):
         make(n=3, batch=4)
+
+
+def test_eval_split_smaller_than_a_batch_names_the_eval_field():
+    with pytest.raises(ValueError, match="config.data.eval_batch_size"):
+        next(pipeline.eval_batches(ArraySource(3), pipeline.image_transform("image", 2), global_batch=4))

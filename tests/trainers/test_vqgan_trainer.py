@@ -49,6 +49,9 @@ def test_tiny_run_learns_and_records_everything(full_run):
     # The GAN turns on at disc_start=6: its weight is zero before and positive after.
     gan = {m["step"]: m["train/gan_weight"] for m in lines if "train/gan_weight" in m}
     assert gan[4] == 0 and gan[12] > 0
+    # Codes unused for a few steps count as dead and are restarted (every 4 steps), so the resume test below also
+    # depends on the restored usage EMA.
+    assert max(m["train/dead_codes"] for m in lines if "train/dead_codes" in m) > 0
     assert final["examples"] == TINY_SPLITS["test"]
     assert 0 <= final["judge_correct"] <= 1
     with open(os.path.join(workdir, "config.json")) as f:
