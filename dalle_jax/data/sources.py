@@ -65,6 +65,8 @@ def prepare(data_cfg) -> tfds.core.DatasetBuilder:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(f"prepared {builder.info.full_name}")
+        if jax.process_index() != 0:
+            builder = builder_for(data_cfg)  # TFDS reads the dataset's info when a builder is made.
     return builder
 
 

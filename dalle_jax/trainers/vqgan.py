@@ -58,8 +58,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     batch_sh = parallel.batch_sharding(mesh)
     train_step = jax.jit(functools.partial(vqgan_step.train_step, setup), in_shardings=(shardings, batch_sh),
                          out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    # Evaluation outputs are gathered (replicated) so every process can read all of them.
     eval_step = jax.jit(functools.partial(vqgan_step.eval_step, setup),
-                        in_shardings=(shardings["params"], batch_sh))
+                        in_shardings=(shardings["params"], batch_sh), out_shardings=parallel.replicated(mesh))
     evaluate = functools.partial(_evaluate, setup, eval_step, mesh, builder, transform)
 
     # 5. The loop: step, log, evaluate, checkpoint.

@@ -2,7 +2,8 @@
 
 State: {step, params, disc_params, opt_g, opt_d, code_ema}. One train step updates the generator (reconstruction +
 codebook + commitment + adaptive-weight GAN terms) and the discriminator (hinge loss) together, then restarts dead
-codes on schedule. Randomness is `fold_in(seed, step)`, so a resumed run draws exactly what an unbroken one would.
+codes on schedule. Randomness is `fold_in(seed, step)` (on a branch of its own), so a resumed run draws exactly
+what an unbroken one would.
 """
 from __future__ import annotations
 
@@ -56,8 +57,9 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Setup, Any, A
     disc_def, disc_abstract = nnx.split(abstract_disc, nnx.Param)
     total = config.num_steps
     tx_g = optimizers.adam(config.optimizer, total)
-    tx_d = optimizers.adam(config.optimizer, total, peak=config.optimizer.disc_learning_rate
-                           or config.optimizer.learning_rate)
+    # The discriminator's schedule starts (warmup included) when it starts training, at disc_start.
+    tx_d = optimizers.adam(config.optimizer, max(total - config.loss.disc_start, 1),
+                           peak=config.optimizer.disc_learning_rate or config.optimizer.learning_rate)
     grid = abstract_gen.grid_size
     setup = Setup(config, gen_def, disc_def, tx_g, tx_d, tokens_per_batch=config.data.batch_size * grid * grid)
 
@@ -111,7 +113,8 @@ def _generator_terms(setup: Setup, params, disc_params, x, gan_weight_on, dropou
 def train_step(setup: Setup, state, batch):
     cfg = setup.config
     step = state["step"]
-    rng = jax.random.fold_in(jax.random.key(cfg.seed), step)
+    # Init draws from fold_in(seed key, 0) and (.., 1); training draws from its own branch, (.., 2).
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 2), step)
     x = gan_losses.to_float(batch["image"])
     gan_on = (step >= cfg.loss.disc_start).astype(jnp.float32)
 
@@ -130,8 +133,11 @@ def train_step(setup: Setup, state, batch):
             return cfg.loss.disc_factor * gan_on * gan_losses.hinge_discriminator_loss(
                 disc(x), disc(jax.lax.stop_gradient(x_rec)))
         d_loss, d_grads = jax.value_and_grad(disc_loss_fn)(disc_params)
-        d_updates, opt_d = setup.tx_d.update(d_grads, opt_d, disc_params)
-        disc_params = optax.apply_updates(disc_params, d_updates)
+        d_updates, new_opt_d = setup.tx_d.update(d_grads, opt_d, disc_params)
+        # Before disc_start the discriminator and its optimizer (schedule, moments) stay exactly as initialised.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(gan_on > 0, a, b), new, old)
+        disc_params = keep(optax.apply_updates(disc_params, d_updates), disc_params)
+        opt_d = keep(new_opt_d, opt_d)
         metrics["discriminator"] = d_loss
 
     K = cfg.model.codebook_size
