@@ -72,15 +72,6 @@ def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def logical_names(abstract_state: nnx.State) -> dict:
-    """Pure dict of each variable's logical axis names (None on every axis where it has none)."""
-    def names(v: nnx.Variable):
-        found = v.get_metadata().get("out_sharding") or v.get_metadata().get("sharding_names")
-        return tuple(found) if found else (None,) * np.ndim(v.value)
-    return nnx.State(jax.tree.map(lambda v: nnx.Variable(names(v)), abstract_state, is_leaf=_is_variable)
-                     ).to_pure_dict()
-
-
 def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules) -> dict:
     """Pure dict of NamedShardings, one per variable of an (abstract) NNX state."""
     def sharding(v: nnx.Variable):

@@ -103,7 +103,12 @@ def codebook_usage(indices: jax.Array, codebook_size: int) -> jax.Array:
 
 def codebook_perplexity(indices: jax.Array, codebook_size: int) -> jax.Array:
     """exp(entropy) of the code frequencies in `indices`: k when k codes are used equally often."""
-    counts = code_counts(indices, codebook_size)
+    return perplexity_from_counts(code_counts(indices, codebook_size))
+
+
+def perplexity_from_counts(counts: jax.Array) -> jax.Array:
+    """exp(entropy) of the frequencies given by per-code counts (e.g. summed over an evaluation set)."""
+    counts = jnp.asarray(counts, jnp.float32)
     p = counts / jnp.maximum(jnp.sum(counts), 1.0)
     entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
     return jnp.exp(entropy)

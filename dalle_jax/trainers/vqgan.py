@@ -16,6 +16,7 @@ import numpy as np
 
 from dalle_jax import parallel
 from dalle_jax.data import pipeline, sources
+from dalle_jax.models import quantizer as vq
 from dalle_jax.trainers import vqgan_step
 from dalle_jax.training import checkpointing, metrics as metrics_lib, workdir as workdir_lib
 from dalle_jax.training.progress import Progress
@@ -132,17 +133,12 @@ def _evaluate(setup, eval_step, mesh, builder, transform, params, split: str, nu
             reconstructions.append(out["reconstructions"])
     figures = dict(reconstruction=float(np.mean(losses)), psnr=psnr_sum / count,
                    codebook_usage=float(np.mean(counts > 0)),
-                   codebook_perplexity=_perplexity(counts),
+                   codebook_perplexity=float(vq.perplexity_from_counts(counts)),
                    codebook_size=float(config.model.codebook_size), examples=float(count))
     if judge and config.data.dataset == "captioned_shapes":
         figures.update(_judge_reconstructions(source, np.concatenate(reconstructions)))
     grid = metrics_lib.image_grid(shown, columns=min(config.num_recon_images, shown.shape[0]))
     return figures, grid
-
-
-def _perplexity(counts: np.ndarray) -> float:
-    p = counts[counts > 0] / counts.sum()
-    return float(np.exp(-np.sum(p * np.log(p))))
 
 
 def _judge_reconstructions(source, reconstructions: np.ndarray) -> dict:
