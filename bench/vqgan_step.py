@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 
 from dalle_jax import parallel  # noqa: E402
 from dalle_jax.trainers import vqgan_step  # noqa: E402
+from dalle_jax.training import throughput  # noqa: E402
 
 
 def load_config(spec: str):
@@ -27,19 +28,6 @@ def load_config(spec: str):
     path, _, arg = spec.partition(":")
     module = importlib.import_module(f"configs.{os.path.splitext(os.path.basename(path))[0]}")
     return module.get_config(arg)
-
-
-def matmul_peak_gflops(size: int = 2048, repeats: int = 10) -> float:
-    """The f32 matmul rate of this machine, measured here: the yardstick for the step's GFLOP/s."""
-    a = jax.numpy.ones((size, size), jax.numpy.float32)
-    matmul = jax.jit(lambda a: a @ a)
-    matmul(a).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * size ** 3 / statistics.median(times) / 1e9
 
 
 def measure(config, steps: int, gan_on: bool) -> dict:
@@ -77,7 +65,7 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     config = load_config(args.config)
-    peak = matmul_peak_gflops()
+    peak = throughput.matmul_peak_flops() / 1e9
     results = [measure(config, args.steps, gan_on) for gan_on in (False, True)]
     print(f"f32 matmul peak measured here: {peak:.1f} GFLOP/s")
     for r in results:

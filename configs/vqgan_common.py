@@ -1,6 +1,8 @@
 """Fields shared by every VQGAN recipe; each recipe starts from `base_config` and sets its sizes."""
 import ml_collections
 
+from configs import common
+
 
 def base_config(image_size: int) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -13,10 +15,7 @@ def base_config(image_size: int) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3  # Newest checkpoints kept on disk.
     config.num_recon_images = 8  # Images shown in the reconstruction grids.
 
-    config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1  # Data-parallel axis size (-1: whatever the other axes leave).
-    config.mesh.fsdp = 1  # Axis over which parameters and optimizer state are sharded (and the batch).
-    config.mesh.tensor = 1  # Axis over which channels are split inside each layer.
+    config.mesh = common.mesh_config()
     # Logical parameter axis -> mesh axes. A mesh axis that does not divide a dimension is skipped for it.
     # Conv kernels are split on output channels only: with input channels also split over `tensor`, jax 0.10's
     # partitioner computed wrong input gradients for stacked 4x4 convs (tests/test_sharded_convs.py).
@@ -29,20 +28,7 @@ def base_config(image_size: int) -> ml_collections.ConfigDict:
     )
 
     image_size_ref = ml_collections.FieldReference(image_size)
-    config.data = ml_collections.ConfigDict()
-    config.data.dataset = "captioned_shapes"  # TFDS name: captioned_shapes, captioned_folder or any prepared set.
-    config.data.folder = ""  # Folder of images + captions.jsonl, for dataset=captioned_folder.
-    config.data.data_dir = ""  # Where TFDS datasets are prepared and read ("" = TFDS's default).
-    config.data.image_key = "image"  # Image feature of the dataset.
-    config.data.text_key = "caption"  # Caption feature of the dataset.
-    config.data.image_size = image_size_ref  # Side of the square training images.
-    config.data.batch_size = 32  # Global batch size (all devices and processes together).
-    config.data.eval_batch_size = 64  # Global batch size of evaluation (forward passes only).
-    config.data.eval_batches = -1  # Validation batches per evaluation (-1: the whole split, remainder dropped).
-    config.data.read_threads = 2  # Threads decoding examples for each process.
-    config.data.prefetch = 4  # Batches prepared ahead of the train step.
-    # captioned_shapes only: examples per split (None = the dataset's defaults).
-    config.data.shapes_split_sizes = ml_collections.config_dict.placeholder(dict)
+    config.data = common.data_config(image_size_ref)
 
     config.model = ml_collections.ConfigDict()
     config.model.resolution = image_size_ref  # Image side the model is built for (follows data.image_size).
@@ -80,6 +66,7 @@ def base_config(image_size: int) -> ml_collections.ConfigDict:
     config.codebook_restart.threshold = 0.03  # Dead below this fraction of uniform usage.
 
     config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "adamw"  # "adamw" or "adafactor".
     config.optimizer.learning_rate = 1e-4  # Peak learning rate of the generator.
     config.optimizer.disc_learning_rate = ml_collections.config_dict.placeholder(float)  # None: as learning_rate.
     config.optimizer.b1 = 0.5  # Adam beta1.

@@ -6,6 +6,7 @@ divide is left unsharded along that axis, so a 3-channel conv or a 6-way head sp
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Mapping, Sequence
 
@@ -121,3 +122,24 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
 def init_sharded(init_fn: Callable[[], Any], shardings) -> Any:
     """Runs `init_fn` under jit so every array is created directly in its final sharding."""
     return jax.jit(init_fn, out_shardings=shardings)()
+
+
+_activation_rules: list[tuple[Mesh, Rules]] = []
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Rules):
+    """While active (around the tracing of a step), `constrain` pins activations to the rules' mesh axes."""
+    _activation_rules.append((mesh, rules))
+    try:
+        yield
+    finally:
+        _activation_rules.pop()
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Shards an activation by its logical axis names under `activation_sharding`; a no-op outside it."""
+    if not _activation_rules:
+        return x
+    mesh, rules = _activation_rules[-1]
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(names, x.shape, rules, mesh)))

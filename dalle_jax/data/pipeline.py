@@ -13,6 +13,7 @@ import numpy as np
 
 Example = Mapping[str, object]
 Transform = Callable[[Example], dict]
+RandomTransform = Callable[[Example, np.random.Generator], dict]
 
 
 def as_text(value) -> str:
@@ -32,15 +33,23 @@ def _process_shard(source) -> grain.MapDataset:
     return grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
 
 
-def train_iterator(source, transform: Transform, *, global_batch: int, seed: int, read_threads: int = 2,
-                   prefetch: int = 4) -> grain.DatasetIterator:
-    """An endless, reshuffled-every-epoch iterator of this process's share of each global batch."""
+def train_iterator(source, transform: Transform | None, *, global_batch: int, seed: int, read_threads: int = 2,
+                   prefetch: int = 4, random_transform: RandomTransform | None = None) -> grain.DatasetIterator:
+    """An endless, reshuffled-every-epoch iterator of this process's share of each global batch.
+
+    `random_transform(example, rng)` (instead of `transform`) draws from a generator seeded by `seed` and the
+    example's position in the endless stream, so its choices differ every epoch yet replay exactly on resume.
+    """
+    if (transform is None) == (random_transform is None):
+        raise ValueError("train_iterator takes exactly one of transform and random_transform.")
     local_batch = per_process_batch(global_batch)
     ds = _process_shard(source)
     if len(ds) < local_batch:
         raise ValueError(f"This process's share of the training split has {len(ds)} examples, fewer than its "
                          f"{local_batch} examples per batch; lower config.data.batch_size or use more data.")
-    ds = ds.shuffle(seed=seed).repeat().map(transform).batch(local_batch, drop_remainder=True)
+    ds = ds.shuffle(seed=seed).repeat()
+    ds = ds.map(transform) if transform is not None else ds.random_map(random_transform, seed=seed + 1)
+    ds = ds.batch(local_batch, drop_remainder=True)
     options = grain.ReadOptions(num_threads=max(read_threads, 0), prefetch_buffer_size=max(prefetch, 0))
     return iter(ds.to_iter_dataset(options))
 

@@ -13,6 +13,7 @@ import ml_collections
 from flax import nnx
 
 from dalle_jax.models import transformer_layers as tl
+from dalle_jax.parallel import constrain
 
 TEXT_PAD_ID = 1
 MASKED_LOGIT = -1e9
@@ -94,7 +95,7 @@ class Encoder(nnx.Module):
 
     def __call__(self, text_ids: jax.Array, *, deterministic: bool) -> jax.Array:
         x = self.embed_tokens(text_ids) + self.embed_positions(jnp.arange(text_ids.shape[1]))[None]
-        x = self.dropout(self.layernorm_embedding(x), deterministic=deterministic)
+        x = constrain(self.dropout(self.layernorm_embedding(x), deterministic=deterministic), tl.EMBED_ACTIVATION)
         mask = tl.key_padding_mask(text_ids, TEXT_PAD_ID)
         x = tl.apply_layer_stack(self.layers, x, mask, scan=self.scan_layers, remat=self.remat,
                                  deterministic=deterministic)
@@ -125,11 +126,11 @@ class Decoder(nnx.Module):
                  deterministic: bool) -> jax.Array:
         length = image_input_ids.shape[1]
         x = self.embed_tokens(image_input_ids) + self.embed_positions(jnp.arange(length))[None]
-        x = self.dropout(self.layernorm_embedding(x), deterministic=deterministic)
+        x = constrain(self.dropout(self.layernorm_embedding(x), deterministic=deterministic), tl.EMBED_ACTIVATION)
         x = tl.apply_layer_stack(
             self.layers, x, encoder_states, tl.causal_mask(length), tl.key_padding_mask(text_ids, TEXT_PAD_ID),
             scan=self.scan_layers, remat=self.remat, deterministic=deterministic)
-        logits = self.lm_head(self.final_ln(x)).astype(jnp.float32)
+        logits = constrain(self.lm_head(self.final_ln(x)), ("batch", "length", "vocab")).astype(jnp.float32)
         is_codebook_index = jnp.arange(self.padded_vocab_size) < self.image_vocab_size
         return jnp.where(is_codebook_index, logits, MASKED_LOGIT)
 
@@ -177,3 +178,21 @@ class DalleBart(nnx.Module):
         _check_ids("image_input_ids", image_input_ids, self.image_length, "image_length")
         encoder_states = self.encode(text_ids, deterministic=deterministic)
         return self.decode(image_input_ids, encoder_states, text_ids, deterministic=deterministic)
+
+
+def train_flops_per_example(cfg: ml_collections.ConfigDict) -> float:
+    """Model FLOPs of one training example (forward + backward = 3x forward) at full text and image length.
+
+    Counts the matmuls (2 FLOPs per multiply-add): projections, attention scores and weighted sums, feed-forward
+    and the output head; norms, softmax and embedding lookups are left out, as is usual for MFU.
+    """
+    d, f, lt, li = cfg.d_model, cfg.ffn_dim, cfg.text_length, cfg.image_length
+    ffn = (3 if cfg.ffn == "glu" else 2) * d * f
+    encoder_token = 4 * d * d + 2 * lt * d + ffn  # q, k, v, out; scores and sums over lt keys; feed-forward
+    # Self-attention (4 projections, li keys), cross-attention (q and out projections, lt keys), feed-forward.
+    decoder_token = 4 * d * d + 2 * li * d + 2 * d * d + 2 * lt * d + ffn
+    cross_kv_text_token = 2 * d * d  # each decoder layer projects the text states to keys and values
+    head = d * padded_image_vocab_size(cfg.image_vocab_size, cfg.vocab_multiple)
+    forward_macs = (cfg.encoder_layers * lt * encoder_token
+                    + cfg.decoder_layers * (li * decoder_token + lt * cross_kv_text_token) + li * head)
+    return 3.0 * 2.0 * forward_macs

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dalle_jax.parallel import constrain
+
 LAYER_NORM_EPSILON = 1e-5
 MASKED_SCORE = -1e9  # attention score given to keys a query may not see
 REMAT_POLICIES = {
@@ -21,6 +23,10 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 FFN_KINDS = ("glu", "mlp")
+# Logical names of the main activations (see parallel.constrain).
+EMBED_ACTIVATION = ("batch", "length", "embed")
+HEADS_ACTIVATION = ("batch", "length", "heads", None)
+MLP_ACTIVATION = ("batch", "length", "mlp")
 
 
 def dense(in_features: int, out_features: int, names: tuple[str, str], *, dtype, param_dtype,
@@ -69,7 +75,7 @@ class Attention(nnx.Module):
         self.out_proj = dense(d_model, d_model, ("heads", "embed"), **kw)
 
     def _split_heads(self, x: jax.Array) -> jax.Array:
-        return x.reshape(*x.shape[:-1], self.heads, self.head_dim)
+        return constrain(x.reshape(*x.shape[:-1], self.heads, self.head_dim), HEADS_ACTIVATION)
 
     def project_q(self, x: jax.Array) -> jax.Array:
         """(B, Lq, d_model) -> (B, Lq, heads, head_dim), already scaled by 1/sqrt(head_dim)."""
@@ -106,8 +112,8 @@ class GLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         z = self.ln0(x)
-        w = gelu(self.fc0(z))
-        return self.fc2(self.ln1(w * self.fc1(z)))
+        w = gelu(constrain(self.fc0(z), MLP_ACTIVATION))
+        return self.fc2(self.ln1(w * constrain(self.fc1(z), MLP_ACTIVATION)))
 
 
 class MLP(nnx.Module):
@@ -120,7 +126,7 @@ class MLP(nnx.Module):
         self.fc2 = dense(ffn_dim, d_model, ("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu(self.fc1(self.ln(x))))
+        return self.fc2(gelu(constrain(self.fc1(self.ln(x)), MLP_ACTIVATION)))
 
 
 def feed_forward(kind: str, d_model: int, ffn_dim: int, **kw) -> nnx.Module:
@@ -147,7 +153,7 @@ class EncoderLayer(nnx.Module):
         h = self.pre_self_attn_layer_norm(x)
         h = self.self_attn_layer_norm(self.self_attn(h, h, mask))
         x = x + self.dropout(h, deterministic=deterministic)
-        return x + self.dropout(self.ffn(x), deterministic=deterministic)
+        return constrain(x + self.dropout(self.ffn(x), deterministic=deterministic), EMBED_ACTIVATION)
 
 
 class DecoderLayer(nnx.Module):
@@ -174,7 +180,7 @@ class DecoderLayer(nnx.Module):
         h = self.pre_encoder_attn_layer_norm(x)
         h = self.encoder_attn_layer_norm(self.encoder_attn(h, encoder_states, cross_mask))
         x = x + self.dropout(h, deterministic=deterministic)
-        return x + self.dropout(self.ffn(x), deterministic=deterministic)
+        return constrain(x + self.dropout(self.ffn(x), deterministic=deterministic), EMBED_ACTIVATION)
 
 
 LAYERS_AXIS = "layers"

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
-import time
 
 import jax
 import ml_collections
@@ -18,7 +16,7 @@ from dalle_jax import parallel
 from dalle_jax.data import pipeline, sources
 from dalle_jax.models import quantizer as vq
 from dalle_jax.trainers import vqgan_step
-from dalle_jax.training import checkpointing, metrics as metrics_lib, workdir as workdir_lib
+from dalle_jax.training import checkpointing, loop, metrics as metrics_lib, workdir as workdir_lib
 from dalle_jax.training.progress import Progress
 
 
@@ -42,15 +40,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         seed=config.seed, read_threads=config.data.read_threads, prefetch=config.data.prefetch)
 
     # 3. State, built directly in its sharding, or restored from the newest checkpoint.
+    cadence = loop.Cadence.from_config(config, stop_after)
     setup, state, shardings = vqgan_step.create(config, mesh)
     checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
                                               save_every=config.checkpoint_every)
-    start = checkpointer.latest_step()
-    if start is not None:
-        logging.info("Resuming from step %d in %s", start, checkpointer.directory)
-        state = checkpointer.restore(start, checkpointing.abstract_like(state, shardings), train_iter)
-    start = int(start or 0)
-    if stop_after is not None and start >= stop_after:
+    state, start = checkpointing.restore_or_keep(checkpointer, state, shardings, train_iter)
+    if start >= cadence.last_step and not cadence.finishes_run:
         return None
     writer = metrics_lib.MetricsWriter(workdir)
     writer.drop_after(start)
@@ -64,34 +59,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                         in_shardings=(shardings["params"], batch_sh), out_shardings=parallel.replicated(mesh))
     evaluate = functools.partial(_evaluate, setup, eval_step, mesh, builder, transform)
 
+    def evaluate_and_write(state, step):
+        figures, grid = evaluate(state["params"], "validation", config.data.eval_batches)
+        writer.write_scalars(step, {f"eval/{k}": v for k, v in figures.items()})
+        writer.write_images(step, {"eval/reconstructions": grid})
+
+    def rates(steps, seconds):
+        return dict(steps_per_s=steps / seconds, images_per_s=steps * config.data.batch_size / seconds)
+
     # 5. The loop: step, log, evaluate, checkpoint.
-    progress = Progress(config.num_steps, start, "vqgan")
-    pending, window_start = [], time.perf_counter()
-    for step in range(start + 1, config.num_steps + 1):
-        batch = parallel.global_batch(next(train_iter), mesh)
-        state, step_metrics = train_step(state, batch)
-        pending.append(step_metrics)
-        progress.advance()
-        if step % config.log_every == 0 or step == config.num_steps:
-            figures = _mean(pending)
-            elapsed = time.perf_counter() - window_start
-            figures["steps_per_s"] = len(pending) / elapsed
-            figures["images_per_s"] = len(pending) * config.data.batch_size / elapsed
-            writer.write_scalars(step, {f"train/{k}": v for k, v in figures.items()})
-            progress.show({"loss": figures["loss"], "psnr": figures["psnr"],
-                           "usage": figures["batch_codebook_usage"]})
-            pending, window_start = [], time.perf_counter()
-        if step % config.eval_every == 0 or step == config.num_steps:
-            figures, grid = evaluate(state["params"], "validation", config.data.eval_batches)
-            writer.write_scalars(step, {f"eval/{k}": v for k, v in figures.items()})
-            writer.write_images(step, {"eval/reconstructions": grid})
-            window_start = time.perf_counter()
-        checkpointer.save(step, state, train_iter, force=step in (config.num_steps, stop_after))
-        if step == stop_after:
-            break
-    progress.close()
-    checkpointer.close()
-    if stop_after is not None and stop_after < config.num_steps:
+    state = loop.run(
+        state, start=start, cadence=cadence, train_step=train_step,
+        next_batch=lambda: parallel.global_batch(next(train_iter), mesh), evaluate=evaluate_and_write,
+        checkpointer=checkpointer, data_iterator=train_iter, writer=writer,
+        progress=Progress(config.num_steps, start, "vqgan"), rates=rates,
+        shown=dict(loss="loss", psnr="psnr", usage="batch_codebook_usage"))
+    if not cadence.finishes_run:
         writer.close()
         return None
 
@@ -103,11 +86,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
             json.dump({"step": config.num_steps, **final}, f, indent=2)
     return final
-
-
-def _mean(step_metrics: list[dict]) -> dict:
-    fetched = jax.device_get(step_metrics)
-    return {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
 
 
 def _evaluate(setup, eval_step, mesh, builder, transform, params, split: str, num_batches: int, judge: bool = False):

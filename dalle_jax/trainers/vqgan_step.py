@@ -56,9 +56,9 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Setup, Any, A
     gen_def, gen_abstract = nnx.split(abstract_gen, nnx.Param)
     disc_def, disc_abstract = nnx.split(abstract_disc, nnx.Param)
     total = config.num_steps
-    tx_g = optimizers.adam(config.optimizer, total)
+    tx_g = optimizers.make_optimizer(config.optimizer, total)
     # The discriminator's schedule starts (warmup included) when it starts training, at disc_start.
-    tx_d = optimizers.adam(config.optimizer, max(total - config.loss.disc_start, 1),
+    tx_d = optimizers.make_optimizer(config.optimizer, max(total - config.loss.disc_start, 1),
                            peak=config.optimizer.disc_learning_rate or config.optimizer.learning_rate)
     grid = abstract_gen.grid_size
     setup = Setup(config, gen_def, disc_def, tx_g, tx_d, tokens_per_batch=config.data.batch_size * grid * grid)

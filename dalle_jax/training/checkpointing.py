@@ -5,6 +5,7 @@ a run killed mid-save resumes from the newest complete one.
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import grain
@@ -45,3 +46,12 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def restore_or_keep(checkpointer: Checkpointer, state, shardings, data_iterator) -> tuple[object, int]:
+    """The newest checkpoint's state (and iterator position) if there is one, else `state`; with its step."""
+    step = checkpointer.latest_step()
+    if step is None:
+        return state, 0
+    logging.info("Resuming from step %d in %s", step, checkpointer.directory)
+    return checkpointer.restore(step, abstract_like(state, shardings), data_iterator), int(step)

@@ -1,7 +1,10 @@
 """Learning-rate schedules and optimizers built from a config's `optimizer` block."""
 from __future__ import annotations
 
+import jax
 import optax
+
+OPTIMIZERS = ("adamw", "adafactor")
 
 
 def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, kind: str) -> optax.Schedule:
@@ -18,10 +21,27 @@ def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, kin
     return optax.join_schedules([warmup, after], [max(warmup_steps, 1)])
 
 
-def adam(opt_cfg, total_steps: int, peak: float | None = None) -> optax.GradientTransformation:
-    """AdamW with warmup + decay and optional global-norm clipping."""
+def _decays(params):
+    """Weight decay applies to matrices (kernels, embeddings), never to norm scales and biases."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(opt_cfg, total_steps: int, peak: float | None = None) -> optax.GradientTransformation:
+    """Global-norm clipping, then AdamW or Adafactor on a warmup + decay schedule peaking at `peak`
+    (default `opt_cfg.learning_rate`)."""
     schedule = learning_rate_schedule(opt_cfg.learning_rate if peak is None else peak, opt_cfg.warmup_steps,
                                       total_steps, opt_cfg.schedule)
+    name = opt_cfg.get("name", "adamw")
     parts = [optax.clip_by_global_norm(opt_cfg.grad_clip)] if opt_cfg.grad_clip > 0 else []
-    parts.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay))
+    if name == "adamw":
+        parts.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay,
+                                 mask=_decays))
+    elif name == "adafactor":
+        # Factored second moments (row and column statistics) instead of one per parameter; no first moment
+        # unless b1 > 0. The schedule gives absolute step sizes, as for AdamW.
+        parts.append(optax.adafactor(schedule, multiply_by_parameter_scale=False, clipping_threshold=None,
+                                     momentum=opt_cfg.b1 or None, weight_decay_rate=opt_cfg.weight_decay or None,
+                                     weight_decay_mask=_decays))
+    else:
+        raise ValueError(f"config.optimizer.name={name!r} is not an optimizer; use one of {OPTIMIZERS}.")
     return optax.chain(*parts)

@@ -1,0 +1,29 @@
+"""Config blocks every recipe shares: the device mesh and the dataset."""
+import ml_collections
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+    mesh = ml_collections.ConfigDict()
+    mesh.data = -1  # Data-parallel axis size (-1: whatever the other axes leave).
+    mesh.fsdp = 1  # Axis over which parameters and optimizer state are sharded (and the batch).
+    mesh.tensor = 1  # Axis over which channels, heads and vocabularies are split inside each layer.
+    return mesh
+
+
+def data_config(image_size) -> ml_collections.ConfigDict:
+    """`image_size` may be a FieldReference shared with the model."""
+    data = ml_collections.ConfigDict()
+    data.dataset = "captioned_shapes"  # TFDS name: captioned_shapes, captioned_folder or any prepared set.
+    data.folder = ""  # Folder of images + captions.jsonl, for dataset=captioned_folder.
+    data.data_dir = ""  # Where TFDS datasets are prepared and read ("" = TFDS's default).
+    data.image_key = "image"  # Image feature of the dataset.
+    data.text_key = "caption"  # Caption feature of the dataset.
+    data.image_size = image_size  # Side of the square training images.
+    data.batch_size = 32  # Global batch size (all devices and processes together).
+    data.eval_batch_size = 64  # Global batch size of evaluation (forward passes only).
+    data.eval_batches = -1  # Validation batches per evaluation (-1: the whole split, remainder dropped).
+    data.read_threads = 2  # Threads decoding examples for each process.
+    data.prefetch = 4  # Batches prepared ahead of the train step.
+    # captioned_shapes only: examples per split (None = the dataset's defaults).
+    data.shapes_split_sizes = ml_collections.config_dict.placeholder(dict)
+    return data

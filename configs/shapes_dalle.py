@@ -1,0 +1,63 @@
+"""DalleBart on captioned_shapes 32x32, sized to train on a 2-core CPU in minutes.
+
+Needs the VQGAN of `configs/shapes_vqgan.py` (8x8 codes from 1,024): pass its work directory with
+`--config.vqgan_workdir=runs/vqgan`. Variants: `configs/shapes_dalle.py` (default) and `:tiny` (tests).
+"""
+import ml_collections
+
+from configs import seq2seq_common
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+    config = seq2seq_common.base_config()
+    config.num_steps = 1500  # Optimizer steps in total.
+    config.log_every = 50  # Steps between training-metric lines.
+    config.eval_every = 500  # Steps between evaluations on `validation` (and at the last step).
+    config.checkpoint_every = 500  # Steps between checkpoints (and at the last step).
+
+    config.data.image_size = 32  # captioned_shapes s32.
+    config.data.batch_size = 32  # Global batch size.
+    config.data.eval_batch_size = 200  # Divides the 2,000-example validation and test splits.
+    config.data.eval_batches = 2  # Validation batches per periodic evaluation (-1: the whole split).
+    config.data.encode_batch_size = 500  # Images per encode batch.
+
+    config.text.vocab_size = 256  # Upper bound: the captions' small vocabulary yields fewer pieces.
+    model = config.model
+    model.text_length = 24  # Longest caption, with `<s>` and `</s>`, fits.
+    model.image_vocab_size = 1024  # The shapes VQGAN's codebook.
+    model.image_length = 64  # Its 8x8 grid.
+    model.d_model = 128  # Model width.
+    model.encoder_layers = 2  # Text encoder layers.
+    model.decoder_layers = 4  # Image-token decoder layers.
+    model.heads = 4  # Attention heads.
+    model.ffn_dim = 384  # GLU hidden width.
+    model.vocab_multiple = 64  # Output head padded to 1,088 columns.
+
+    config.optimizer.learning_rate = 1e-3  # Peak learning rate.
+    config.optimizer.warmup_steps = 100  # Linear warmup steps.
+
+    if arg == "tiny":
+        config.num_steps = 12
+        config.log_every = 2
+        config.eval_every = 6
+        config.checkpoint_every = 4
+        config.data.batch_size = 8
+        config.data.eval_batch_size = 8
+        config.data.eval_batches = 2
+        config.data.encode_batch_size = 16
+        config.data.shapes_split_sizes = dict(train=64, validation=16, test=16, test_compositional=16)
+        config.text.vocab_size = 64
+        model.image_vocab_size = 32  # The tiny VQGAN's codebook.
+        model.d_model = 32
+        model.encoder_layers = 1
+        model.decoder_layers = 2
+        model.heads = 2
+        model.ffn_dim = 64
+        model.vocab_multiple = 16
+        config.optimizer.warmup_steps = 2
+        config.optimizer.learning_rate = 3e-3
+        config.sampling.prompts = ("a small red circle in the top left", "a green triangle above a purple circle")
+        config.sampling.images_per_prompt = 2
+    elif arg:
+        raise ValueError(f"Unknown variant {arg!r} of configs/shapes_dalle.py; use '' or 'tiny'.")
+    return config
