@@ -20,8 +20,11 @@ def main(argv):
     if config.trainer == "vqgan":
         from dalle_jax.trainers import vqgan
         vqgan.train(config, _WORKDIR.value)
+    elif config.trainer == "seq2seq":
+        from dalle_jax.trainers import seq2seq
+        seq2seq.train(config, _WORKDIR.value)
     else:
-        raise app.UsageError(f"config.trainer={config.trainer!r} is not a trainer; use 'vqgan'.")
+        raise app.UsageError(f"config.trainer={config.trainer!r} is not a trainer; use 'vqgan' or 'seq2seq'.")
 
 
 if __name__ == "__main__":

@@ -21,9 +21,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.data.eval_batches = 2  # Validation batches per periodic evaluation (-1: the whole split).
     config.data.encode_batch_size = 500  # Images per encode batch.
 
-    config.text.vocab_size = 256  # Upper bound: the captions' small vocabulary yields fewer pieces.
+    config.text.vocab_size = 128  # Upper bound: the captions' ~50 words yield fewer pieces.
     model = config.model
-    model.text_length = 24  # Longest caption, with `<s>` and `</s>`, fits.
+    model.text_length = 40  # The longest paraphrase (33 tokens with `<s>` and `</s>`) fits.
     model.image_vocab_size = 1024  # The shapes VQGAN's codebook.
     model.image_length = 64  # Its 8x8 grid.
     model.d_model = 128  # Model width.

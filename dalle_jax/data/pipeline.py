@@ -79,3 +79,14 @@ def image_transform(image_key: str, image_size: int) -> Transform:
                              "the dataset's size or prepare the dataset at the model's size.")
         return {"image": image}
     return transform
+
+
+def caption_and_codes(tokenizer, text_length: int, *, random_caption: bool):
+    """Transform of image-token records into `text_ids` + `codes`. Training (`random_caption`) tokenizes one of
+    the example's captions chosen by the generator; evaluation always its first (canonical) caption."""
+    def tokenize(example: Example, caption: str) -> dict:
+        return {"text_ids": tokenizer.encode(caption, text_length), "codes": np.asarray(example["codes"], np.int32)}
+
+    if random_caption:
+        return lambda example, rng: tokenize(example, example["captions"][rng.integers(len(example["captions"]))])
+    return lambda example: tokenize(example, example["captions"][0])

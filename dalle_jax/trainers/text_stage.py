@@ -1,0 +1,55 @@
+"""The seq2seq run's text tokenizer: the one stored in the work directory, a user's model, or one trained here.
+
+The work directory keeps `tokenizer.model`, so sampling and export tokenize exactly as training did.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from typing import Iterable
+
+import jax
+
+from dalle_jax.data import text as text_lib
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+def _same_bytes(a: str, b: str) -> bool:
+    with open(a, "rb") as fa, open(b, "rb") as fb:
+        return fa.read() == fb.read()
+
+
+def prepare_tokenizer(config, workdir: str, train_captions: Iterable[str]) -> text_lib.TextTokenizer:
+    """Loads `workdir/tokenizer.model`, creating it first from `config.text.tokenizer_model` or by training a
+    sentencepiece model of `config.text.vocab_size` pieces on `train_captions` (read only when training)."""
+    path = os.path.join(workdir, TOKENIZER_FILE)
+    user_model = config.text.tokenizer_model
+    if user_model and not os.path.isfile(user_model):
+        raise FileNotFoundError(f"config.text.tokenizer_model={user_model!r} does not exist; name a sentencepiece "
+                                ".model file, or leave it empty to train one on the captions.")
+    if os.path.exists(path):
+        if user_model and not _same_bytes(user_model, path):
+            raise ValueError(f"{path} differs from config.text.tokenizer_model={user_model!r}; this run was "
+                             "started with the stored tokenizer. Use a new --workdir to change tokenizers.")
+    elif jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        if user_model:
+            logging.info("Using the tokenizer %s", user_model)
+            shutil.copyfile(user_model, path + ".tmp")
+            os.replace(path + ".tmp", path)
+        else:
+            logging.info("Training a %d-piece text tokenizer on the training captions", config.text.vocab_size)
+            written = text_lib.train_tokenizer(train_captions, config.text.vocab_size,
+                                               os.path.join(workdir, "tokenizer.partial"))
+            os.replace(written, path)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("text tokenizer ready")
+    tokenizer = text_lib.TextTokenizer(path)
+    if tokenizer.vocab_size > config.model.text_vocab_size:
+        raise ValueError(f"The tokenizer {path} has {tokenizer.vocab_size} pieces, more than "
+                         f"config.model.text_vocab_size={config.model.text_vocab_size}; raise "
+                         "config.model.text_vocab_size (or config.text.vocab_size) to at least that.")
+    return tokenizer
