@@ -25,6 +25,7 @@ setup(
         "pillow>=11,<14",
         "safetensors>=0.6,<0.9",
         "tqdm>=4.67,<5",
+        "msgpack>=1,<2",  # the image-token records (dalle_jax.data.token_records)
         "numpy>=2.0,<3",
     ],
     extras_require={
