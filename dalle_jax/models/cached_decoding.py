@@ -1,0 +1,132 @@
+"""DalleBart's decoder run one image token at a time, with a key/value cache.
+
+Per prompt, `encode_prompt` runs the encoder once and projects every decoder layer's cross-attention keys and
+values from it. Per step, `decode_step` embeds one token, writes that token's self-attention keys/values into
+a preallocated cache at its position, and attends to positions <= the current one.
+
+Caches and cross-attention keys/values have a leading layer axis whatever the stack's kind, and the cache is a
+loop carry: each step writes one position of one layer in place (`dynamic_update_slice`) instead of producing
+a fresh copy of a layer's cache, as scanning the cache as a per-layer input/output would. A scanned stack is
+walked with `nnx.scan` over its stacked parameters together with the stacked cross keys/values and the layer
+index; an unrolled stack (`nnx.List`) with a Python loop over the same per-layer function.
+
+The per-layer step mirrors `transformer_layers.DecoderLayer.__call__` (inference: no dropout); the tests hold
+the two equal by checking step-by-step logits against the teacher-forced `DalleBart.decode`.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dalle_jax.models import transformer_layers as tl
+from dalle_jax.models.dalle_bart import MASKED_LOGIT, TEXT_PAD_ID, DalleBart
+from dalle_jax.parallel import constrain
+
+_STACK_METADATA = {nnx.PARTITION_NAME: tl.LAYERS_AXIS}
+KV_ACTIVATION = (tl.LAYERS_AXIS, "batch", "length", "heads", None)
+
+
+class KeyValues(NamedTuple):
+    """Attention keys and values of every decoder layer, each (layers, B, length, heads, head_dim)."""
+    keys: jax.Array
+    values: jax.Array
+
+
+def _sharded(keys: jax.Array, values: jax.Array) -> KeyValues:
+    return KeyValues(constrain(keys, KV_ACTIVATION), constrain(values, KV_ACTIVATION))
+
+
+def _first_layer(model: DalleBart) -> tl.DecoderLayer:
+    layers = model.decoder.layers
+    return layers if model.decoder.scan_layers else layers[0]
+
+
+def num_decoder_layers(model: DalleBart) -> int:
+    if model.decoder.scan_layers:
+        return model.decoder.layers.self_attn.q_proj.kernel.shape[0]
+    return len(model.decoder.layers)
+
+
+def encode_prompt(model: DalleBart, text_ids: jax.Array) -> tuple[KeyValues, jax.Array]:
+    """(B, Lt) text ids -> the cross-attention keys/values of every decoder layer and the (B, 1, 1, Lt)
+    cross-attention mask (False at `<pad>`), everything a decoding step needs from the prompt."""
+    encoder_states = model.encode(text_ids)
+    if model.decoder.scan_layers:
+        @nnx.vmap(in_axes=(0, None), out_axes=0, transform_metadata=_STACK_METADATA)
+        def project(layer, states):
+            return layer.encoder_attn.project_kv(states)
+
+        keys, values = project(model.decoder.layers, encoder_states)
+    else:
+        per_layer = [layer.encoder_attn.project_kv(encoder_states) for layer in model.decoder.layers]
+        keys, values = (jnp.stack(xs) for xs in zip(*per_layer))
+    return _sharded(keys, values), tl.key_padding_mask(text_ids, TEXT_PAD_ID)
+
+
+def init_cache(model: DalleBart, batch_size: int, dtype) -> KeyValues:
+    """Zeroed self-attention cache for `batch_size` rows and all `image_length` positions. `dtype` should be
+    the dtype of the keys `encode_prompt` returned (the model's compute dtype)."""
+    attn = _first_layer(model).self_attn
+    shape = (num_decoder_layers(model), batch_size, model.image_length, attn.heads, attn.head_dim)
+    return _sharded(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def _layer_step(layer: tl.DecoderLayer, x: jax.Array, cache: KeyValues, index, position: jax.Array,
+                cross_keys: jax.Array, cross_values: jax.Array, self_mask: jax.Array,
+                cross_mask: jax.Array) -> tuple[jax.Array, KeyValues]:
+    """One decoder layer on one position: x (B, 1, d_model); `index` is the layer's slot in the cache."""
+    h = layer.pre_self_attn_layer_norm(x)
+    k, v = layer.self_attn.project_kv(h)
+    start = (index, 0, position, 0, 0)
+    cache = KeyValues(jax.lax.dynamic_update_slice(cache.keys, k[None].astype(cache.keys.dtype), start),
+                      jax.lax.dynamic_update_slice(cache.values, v[None].astype(cache.values.dtype), start))
+    layer_keys = jax.lax.dynamic_index_in_dim(cache.keys, index, keepdims=False)
+    layer_values = jax.lax.dynamic_index_in_dim(cache.values, index, keepdims=False)
+    h = layer.self_attn.attend(layer.self_attn.project_q(h), layer_keys, layer_values, self_mask)
+    x = x + layer.self_attn_layer_norm(h)
+    h = layer.pre_encoder_attn_layer_norm(x)
+    h = layer.encoder_attn.attend(layer.encoder_attn.project_q(h), cross_keys, cross_values, cross_mask)
+    x = x + layer.encoder_attn_layer_norm(h)
+    return constrain(x + layer.ffn(x), tl.EMBED_ACTIVATION), cache
+
+
+def decode_step(model: DalleBart, token_ids: jax.Array, position: jax.Array, cache: KeyValues,
+                cross_kv: KeyValues, cross_mask: jax.Array) -> tuple[jax.Array, KeyValues]:
+    """Decoder input `token_ids` (B,) at `position` (scalar, 0 <= position < image_length) -> float32 logits
+    (B, padded_vocab_size) for the token at `position`, non-codebook columns at MASKED_LOGIT, and the cache
+    with this position's keys/values written. Position 0's input is the start token.
+
+    `model` must belong to the trace that calls this (inside a `lax.scan`/`fori_loop` body, merge it there with
+    `nnx.merge(graphdef, state, copy=True)`): the scanned stack goes through `nnx.scan`, which refuses
+    Variables of an enclosing trace."""
+    if token_ids.ndim != 1 or token_ids.shape[0] != cache.keys.shape[1]:
+        raise ValueError(f"token_ids must have shape (batch,) = ({cache.keys.shape[1]},) to match the cache, "
+                         f"got {token_ids.shape}; pass one previous token per row.")
+    if cross_kv.keys.shape[1] != token_ids.shape[0]:
+        raise ValueError(f"cross_kv holds {cross_kv.keys.shape[1]} rows but token_ids {token_ids.shape[0]}; "
+                         f"encode the same batch of prompts as the cache was made for.")
+    decoder = model.decoder
+    position = jnp.asarray(position, jnp.int32)
+    x = decoder.embed_tokens(token_ids[:, None]) + decoder.embed_positions(position)[None, None]
+    x = constrain(decoder.layernorm_embedding(x), tl.EMBED_ACTIVATION)
+    self_mask = (jnp.arange(model.image_length) <= position)[None, None, None, :]
+
+    if decoder.scan_layers:
+        @nnx.scan(in_axes=(nnx.Carry, 0, 0, 0, 0), out_axes=nnx.Carry, transform_metadata=_STACK_METADATA)
+        def body(carry, layer, index, cross_keys, cross_values):
+            h, c = carry
+            return _layer_step(layer, h, c, index, position, cross_keys, cross_values, self_mask, cross_mask)
+
+        indices = jnp.arange(num_decoder_layers(model), dtype=jnp.int32)
+        x, cache = body((x, cache), decoder.layers, indices, cross_kv.keys, cross_kv.values)
+    else:
+        for index, layer in enumerate(decoder.layers):
+            x, cache = _layer_step(layer, x, cache, index, position, cross_kv.keys[index], cross_kv.values[index],
+                                   self_mask, cross_mask)
+
+    logits = constrain(decoder.lm_head(decoder.final_ln(x)), ("batch", "length", "vocab"))[:, 0].astype(jnp.float32)
+    is_codebook_index = jnp.arange(decoder.padded_vocab_size) < decoder.image_vocab_size
+    return jnp.where(is_codebook_index, logits, MASKED_LOGIT), cache

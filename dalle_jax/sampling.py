@@ -1,0 +1,248 @@
+"""Sampling image tokens from DalleBart: classifier-free guidance, temperature, top-k and top-p filters.
+
+The whole token loop runs inside one jit (a `lax.scan` over positions around the cached decoding step).
+With guidance, each image's conditional and unconditional rows go through the model as one batch of 2B,
+interleaved (row 2i conditional, 2i+1 unconditional) so that a batch sharded over devices keeps both rows of
+an image on the same device and guidance needs no communication.
+
+Image i's randomness depends only on its seed and its index: the key of step t is
+`fold_in(fold_in(key(seed), index), t)`, so an image comes out the same whatever batch it is sampled in.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from dalle_jax import parallel
+from dalle_jax.models import cached_decoding
+from dalle_jax.models.dalle_bart import TEXT_PAD_ID
+
+TOKENS_ACTIVATION = ("batch",)
+TEXT_ACTIVATION = ("batch", "length")
+# Without the config's rules a mesh still splits the batch, and only the batch, over the data-parallel axes.
+BATCH_ONLY_RULES = (("batch", parallel.BATCH_AXES),)
+_INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """How the next token is drawn from the logits; applied in the order guidance, temperature, top-k, top-p."""
+    temperature: float = 1.0  # > 0; divides the logits (below 1 sharpens, above 1 flattens)
+    top_k: int | None = None  # keep only the k most likely codebook entries; None keeps all
+    top_p: float = 1.0  # keep the smallest set of most likely entries whose probability reaches top_p; 1.0 = off
+    cond_scale: float = 3.0  # guidance: uncond + cond_scale * (cond - uncond); 1.0 = conditional only
+
+    def validate(self) -> None:
+        if not (isinstance(self.temperature, numbers.Real) and math.isfinite(self.temperature)
+                and self.temperature > 0):
+            raise ValueError(f"temperature={self.temperature!r} must be a finite number > 0 (1.0 leaves the "
+                             f"logits unchanged).")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral)
+                                       or self.top_k < 1):
+            raise ValueError(f"top_k={self.top_k!r} must be an integer >= 1, or None to keep every token.")
+        if not (isinstance(self.top_p, numbers.Real) and 0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]; 1.0 turns the nucleus filter off.")
+        if not (isinstance(self.cond_scale, numbers.Real) and math.isfinite(self.cond_scale)
+                and self.cond_scale >= 0):
+            raise ValueError(f"cond_scale={self.cond_scale!r} must be a finite number >= 0 (1.0 = no guidance, "
+                             f"0 = unconditional).")
+
+    @property
+    def guided(self) -> bool:
+        return self.cond_scale != 1.0
+
+
+# ---- filters: pure functions on (..., vocab) float logits; a removed entry becomes -inf. Their settings may be
+# traced values, so that one compiled loop serves every temperature, top_k, top_p and guidance scale. ----
+
+def restrict_to_codebook(logits: jax.Array, image_vocab_size: int) -> jax.Array:
+    """Removes every column that is not a codebook index (the start token and the padding)."""
+    return jnp.where(jnp.arange(logits.shape[-1]) < image_vocab_size, logits, -jnp.inf)
+
+
+def apply_temperature(logits: jax.Array, temperature) -> jax.Array:
+    return logits / temperature
+
+
+def truncate(logits: jax.Array, top_k, top_p) -> jax.Array:
+    """Top-k, then top-p over what top-k kept, with one sort. Top-k keeps the k largest logits (more where the
+    k-th is tied); top-p keeps the smallest set of largest logits whose probability reaches p (never empty; ties
+    with its smallest member kept too); p >= 1 keeps everything."""
+    descending = -jnp.sort(-logits, axis=-1)
+    k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, logits.shape[-1])
+    kth_largest = jax.lax.dynamic_index_in_dim(descending, k - 1, axis=-1, keepdims=True)
+    descending = jnp.where(descending >= kth_largest, descending, -jnp.inf)  # top-k; still sorted
+    probs = jax.nn.softmax(descending, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    in_nucleus = (mass_before < top_p) | (top_p >= 1.0)
+    smallest_in_nucleus = jnp.min(jnp.where(in_nucleus, descending, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= jnp.maximum(kth_largest, smallest_in_nucleus), logits, -jnp.inf)
+
+
+def top_k_filter(logits: jax.Array, k) -> jax.Array:
+    return truncate(logits, k, 1.0)
+
+
+def top_p_filter(logits: jax.Array, p) -> jax.Array:
+    return truncate(logits, logits.shape[-1], p)
+
+
+def filter_logits(logits: jax.Array, image_vocab_size: int, temperature, truncation=None) -> jax.Array:
+    """Codebook restriction, temperature, then `truncate(logits, *truncation)` unless `truncation` is None:
+    the logits the next token is drawn from."""
+    logits = apply_temperature(restrict_to_codebook(logits, image_vocab_size), temperature)
+    return logits if truncation is None else truncate(logits, *truncation)
+
+
+def guide(cond_logits: jax.Array, uncond_logits: jax.Array, cond_scale: float) -> jax.Array:
+    """Classifier-free guidance: moves the logits away from the unconditional ones by `cond_scale`."""
+    return uncond_logits + cond_scale * (cond_logits - uncond_logits)
+
+
+def draw(keys: jax.Array, logits: jax.Array) -> jax.Array:
+    """One categorical draw per row: keys (B,) typed keys, logits (B, vocab) -> (B,) int32."""
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+def image_keys(seeds: jax.Array, indices: jax.Array) -> jax.Array:
+    """(B,) seeds and (B,) image indices -> (B,) typed keys, one stream per image."""
+    return jax.vmap(lambda s, i: jax.random.fold_in(jax.random.key(s), i))(seeds, indices)
+
+
+# ---- the loop ----
+
+def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+    """(B, ...) and (B, ...) -> (2B, ...) with rows a0, b0, a1, b1, ..."""
+    return jnp.stack([a, b], axis=1).reshape(2 * a.shape[0], *a.shape[1:])
+
+
+def next_token_logits(model, tokens: jax.Array, position: jax.Array, cache: cached_decoding.KeyValues,
+                      cross_kv: cached_decoding.KeyValues, cross_mask: jax.Array, *, guided: bool,
+                      cond_scale=1.0) -> tuple[jax.Array, cached_decoding.KeyValues]:
+    """The (B, vocab) logits of position `position` given each image's previous token `tokens` (B,). When
+    `guided`, the cache and prompt rows are interleaved conditional/unconditional (2B rows)."""
+    if not guided:
+        return cached_decoding.decode_step(model, tokens, position, cache, cross_kv, cross_mask)
+    logits, cache = cached_decoding.decode_step(
+        model, jnp.repeat(tokens, 2), position, cache, cross_kv, cross_mask)
+    pairs = logits.reshape(tokens.shape[0], 2, logits.shape[-1])
+    return guide(pairs[:, 0], pairs[:, 1], cond_scale), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "guided", "mesh", "rules"))
+def _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, knobs: dict, *, guided: bool,
+            mesh: Mesh | None, rules) -> jax.Array:
+    with parallel.activation_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext():
+        model = nnx.merge(graphdef, state)
+        batch = text_ids.shape[0]
+        prompts = interleave(text_ids, uncond_text_ids) if guided else text_ids
+        cross_kv, cross_mask = cached_decoding.encode_prompt(model, parallel.constrain(prompts, TEXT_ACTIVATION))
+        cache = cached_decoding.init_cache(model, prompts.shape[0], cross_kv.keys.dtype)
+        keys = image_keys(seeds, indices)
+
+        def step(carry, position):
+            tokens, cache = carry
+            # The loop body is its own trace: it needs Variables of its own, not the ones merged outside it.
+            step_model = nnx.merge(graphdef, state, copy=True)
+            logits, cache = next_token_logits(step_model, tokens, position, cache, cross_kv, cross_mask,
+                                              guided=guided, cond_scale=knobs["cond_scale"])
+            logits = filter_logits(logits, model.image_vocab_size, knobs["temperature"], knobs["truncation"])
+            step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, position)
+            tokens = parallel.constrain(draw(step_keys, logits), TOKENS_ACTIVATION)
+            return (tokens, cache), tokens
+
+        start = parallel.constrain(jnp.full((batch,), model.start_token, jnp.int32), TOKENS_ACTIVATION)
+        _, tokens = jax.lax.scan(step, (start, cache), jnp.arange(model.image_length, dtype=jnp.int32))
+        return parallel.constrain(tokens.T, TEXT_ACTIVATION)
+
+
+def _knobs(settings: SamplingSettings) -> dict:
+    """The settings as arrays (changing them does not recompile); only whether truncation runs is structural."""
+    truncation = None
+    if settings.top_k is not None or settings.top_p < 1.0:
+        top_k = _INT32_MAX if settings.top_k is None else min(settings.top_k, _INT32_MAX)
+        truncation = (np.int32(top_k), np.float32(settings.top_p))
+    return dict(temperature=np.float32(settings.temperature), cond_scale=np.float32(settings.cond_scale),
+                truncation=truncation)
+
+
+def _as_id_array(name: str, ids, batch: int | None = None) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim == 1:
+        ids = ids[None]
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer) or 0 in ids.shape:
+        raise ValueError(f"{name} must be integer token ids of shape (batch, length), both at least 1; got "
+                         f"{ids.dtype} {ids.shape}.")
+    if batch is not None and ids.shape[0] not in (1, batch):
+        raise ValueError(f"{name} has {ids.shape[0]} rows; give one row (shared by all images) or {batch}.")
+    return ids.astype(np.int32)
+
+
+def _pad_to(ids: np.ndarray, length: int) -> np.ndarray:
+    return np.pad(ids, ((0, 0), (0, length - ids.shape[1])), constant_values=TEXT_PAD_ID)
+
+
+def _per_image(name: str, values, batch: int) -> np.ndarray:
+    values = np.asarray(values)
+    if not np.issubdtype(values.dtype, np.integer):
+        raise ValueError(f"{name} must be integers, got dtype {values.dtype}.")
+    if values.ndim == 0:
+        values = np.full((batch,), values)
+    if values.shape != (batch,):
+        raise ValueError(f"{name} must be one integer or one per image (shape ({batch},)), got shape {values.shape}.")
+    if values.min() < 0 or values.max() >= 2 ** 32:
+        raise ValueError(f"{name} must lie in [0, 2**32), got values in [{values.min()}, {values.max()}].")
+    return values.astype(np.uint32)
+
+
+def _hashable_rules(rules) -> tuple:
+    """The rules as nested tuples, so that they can key the compilation cache."""
+    return tuple((name, axes if axes is None or isinstance(axes, str) else tuple(axes)) for name, axes in rules)
+
+
+def sample_image_tokens(graphdef: nnx.GraphDef, state: nnx.State, text_ids, uncond_text_ids, seeds, indices,
+                        settings: SamplingSettings, *, mesh: Mesh | None = None, sharding_rules=None) -> jax.Array:
+    """Samples one image's tokens per prompt row.
+
+    graphdef, state: `nnx.split(model)` of a DalleBart (all of its state, so it merges whole). On a mesh the
+      state must already be placed on that mesh's devices (replicated, or by `parallel.state_shardings`).
+    text_ids: (B, Lt) BART text ids, `<pad>`-padded (a single prompt may be given as (Lt,)).
+    uncond_text_ids: the prompt of the unconditional rows, usually the empty caption: (Lt',) or (1, Lt') for
+      all images, or (B, Lt'). Unused (and may be None) when `settings.cond_scale == 1`.
+    seeds, indices: each one integer or one per image, in [0, 2**32); image b's randomness derives from
+      `(seeds[b], indices[b])` alone.
+    mesh: the batch is split over its data-parallel axes (B must be divisible by data x fsdp);
+      `sharding_rules` (the config's logical-axis rules) then also place the model's activations.
+    Returns (B, image_length) int32 codebook indices.
+    """
+    settings.validate()
+    text_ids = _as_id_array("text_ids", text_ids)
+    batch = text_ids.shape[0]
+    if settings.guided:
+        if uncond_text_ids is None:
+            raise ValueError(f"cond_scale={settings.cond_scale} needs uncond_text_ids (usually the empty caption); "
+                             f"pass them, or set cond_scale=1.0 to sample without guidance.")
+        uncond = _as_id_array("uncond_text_ids", uncond_text_ids, batch)
+        length = max(text_ids.shape[1], uncond.shape[1])
+        text_ids = _pad_to(text_ids, length)
+        uncond_text_ids = np.broadcast_to(_pad_to(uncond, length), text_ids.shape)
+    else:
+        uncond_text_ids = None  # never reaches the model
+    seeds, indices = _per_image("seeds", seeds, batch), _per_image("indices", indices, batch)
+    rules = None
+    if mesh is not None:
+        parallel.check_global_batch(batch, mesh, field="the number of prompts")
+        rules = _hashable_rules(sharding_rules or BATCH_ONLY_RULES)
+        text_ids, uncond_text_ids, seeds, indices = jax.device_put(
+            (text_ids, uncond_text_ids, seeds, indices), parallel.batch_sharding(mesh))
+    return _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, _knobs(settings),
+                   guided=settings.guided, mesh=mesh, rules=rules)

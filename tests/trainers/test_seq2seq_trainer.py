@@ -1,0 +1,152 @@
+"""The seq2seq trainer end to end on the tiny config: stages, learning, metrics, resume, sharding invariance."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import shapes_dalle, shapes_vqgan
+from dalle_jax import parallel
+from dalle_jax.data import text as text_lib, token_records
+from dalle_jax.training import workdir as workdir_lib
+from dalle_jax.training.metrics import read_metrics
+from tests.conftest import REPO, TINY_SPLITS, subprocess_env
+from tests.trainers.test_encode_stage import filled_state, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def vqgan_workdir(tmp_path_factory, shapes_data_dir, compilation_cache):
+    """A tiny VQGAN with an 8x8 grid of 32 codes (seeded random parameters: the trainer only needs its codes)."""
+    config = shapes_vqgan.get_config("tiny")
+    config.data.data_dir = shapes_data_dir
+    config.model.ch_mult = (1, 2, 2)
+    workdir = str(tmp_path_factory.mktemp("vqgan"))
+    workdir_lib.save_config(config, workdir)
+    save_checkpoint(config, workdir, 5, filled_state(config, parallel.make_mesh(config.mesh), seed=0))
+    return workdir
+
+
+def tiny_config(data_dir, vqgan_workdir):
+    config = shapes_dalle.get_config("tiny")
+    config.data.data_dir = data_dir
+    config.vqgan_workdir = vqgan_workdir
+    return config
+
+
+def train_losses(workdir):
+    return {m["step"]: m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m}
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, shapes_data_dir, vqgan_workdir):
+    from dalle_jax.trainers import seq2seq
+    workdir = str(tmp_path_factory.mktemp("dalle_full"))
+    final = seq2seq.train(tiny_config(shapes_data_dir, vqgan_workdir), workdir)
+    return workdir, final
+
+
+def test_tiny_run_learns_and_records_everything(full_run):
+    workdir, final = full_run
+    losses = train_losses(workdir)
+    assert sorted(losses) == list(range(2, 13, 2))
+    assert losses[12] < 0.8 * losses[2]
+    lines = read_metrics(workdir)
+    evals = [m for m in lines if "eval/loss" in m]
+    assert [m["step"] for m in evals] == [6, 12]
+    assert evals[1]["eval/loss"] < evals[0]["eval/loss"]
+    for m in evals:
+        assert 0 <= m["eval/token_accuracy"] <= 1
+        assert m["eval/perplexity"] == pytest.approx(np.exp(m["eval/loss"]), rel=1e-6)
+    train_line = next(m for m in lines if "train/loss" in m)
+    for key in ("train/token_accuracy", "train/grad_norm", "train/blank_captions", "train/steps_per_s",
+                "train/tokens_per_s", "train/model_flops_per_step", "train/mfu"):
+        assert key in train_line
+    assert 0 < train_line["train/mfu"] < 1
+    # One sample grid per evaluation: 2 prompts x 2 images of 32x32 with 2-pixel gaps.
+    for step in (6, 12):
+        from PIL import Image
+        grid = np.asarray(Image.open(os.path.join(workdir, "samples", f"eval_samples_{step:07d}.png")))
+        assert grid.shape == (2 * 34 + 2, 2 * 34 + 2, 3)
+    assert final["examples"] == TINY_SPLITS["test"]
+    with open(os.path.join(workdir, "test_metrics.json")) as f:
+        assert json.load(f)["loss"] == pytest.approx(final["loss"])
+
+
+def test_stages_are_stored_in_the_workdir(full_run):
+    workdir, _ = full_run
+    tokenizer = text_lib.TextTokenizer(os.path.join(workdir, "tokenizer.model"))
+    assert (tokenizer.bos_id, tokenizer.pad_id, tokenizer.eos_id, tokenizer.unk_id) == (0, 1, 2, 3)
+    assert tokenizer.decode(tokenizer.encode("A Small RED circle", 16)) == "a small red circle"
+    encoded = os.path.join(workdir, "encoded")
+    for split, count in TINY_SPLITS.items():
+        source = token_records.open_split(encoded, split)
+        assert len(source) == count
+        assert source[0]["codes"].shape == (64,) and source[0]["codes"].max() < 32
+    assert workdir_lib.load_config(workdir).trainer == "seq2seq"
+
+
+def test_interrupted_run_resumes_with_identical_losses(full_run, tmp_path, shapes_data_dir, vqgan_workdir):
+    from dalle_jax.trainers import seq2seq
+    workdir = str(tmp_path / "resumed")
+    config = tiny_config(shapes_data_dir, vqgan_workdir)
+    assert seq2seq.train(config, workdir, stop_after=6) is None
+    assert max(train_losses(workdir)) == 6
+    final = seq2seq.train(config, workdir)
+    np.testing.assert_allclose(list(train_losses(workdir).values()), list(train_losses(full_run[0]).values()),
+                               rtol=1e-6)
+    assert final["loss"] == pytest.approx(full_run[1]["loss"], rel=1e-6)
+
+
+def test_user_tokenizer_is_copied_and_a_different_one_refused(full_run, tmp_path, shapes_data_dir, vqgan_workdir):
+    from dalle_jax.trainers import text_stage
+    config = tiny_config(shapes_data_dir, vqgan_workdir)
+    config.text.tokenizer_model = os.path.join(full_run[0], "tokenizer.model")
+    workdir = str(tmp_path / "user_tokenizer")
+    tokenizer = text_stage.prepare_tokenizer(config, workdir, iter(()))
+    with open(tokenizer.model_path, "rb") as a, open(config.text.tokenizer_model, "rb") as b:
+        assert a.read() == b.read()
+    other = text_lib.train_tokenizer(["a red circle", "a blue square"], 16, str(tmp_path / "other"))
+    config.text.tokenizer_model = other
+    with pytest.raises(ValueError, match="differs from config.text.tokenizer_model"):
+        text_stage.prepare_tokenizer(config, workdir, iter(()))
+    config.text.tokenizer_model = ""
+    config.model.text_vocab_size = 8
+    with pytest.raises(ValueError, match="config.model.text_vocab_size"):
+        text_stage.prepare_tokenizer(config, workdir, iter(()))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("vqgan_workdir", "", "config.vqgan_workdir is empty"),
+    ("model.image_vocab_size", 16, "config.model.image_vocab_size=32"),
+    ("model.image_length", 16, "config.model.image_length=64"),
+    ("optimizer.accumulation_steps", 3, "accumulation_steps=3"),
+    ("model.text_length", 2, "text_length=2"),
+    ("data.blank_caption_prob", 1.5, "blank_caption_prob=1.5"),
+])
+def test_bad_configs_fail_before_any_work(tmp_path, shapes_data_dir, vqgan_workdir, field, value, message):
+    from dalle_jax.trainers import seq2seq
+    config = tiny_config(shapes_data_dir, vqgan_workdir)
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ValueError, match=message):
+        seq2seq.train(config, str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+def test_eight_device_mesh_matches_one_device(full_run, tmp_path, shapes_data_dir, vqgan_workdir, compilation_cache):
+    """The CLI on an 8-device CPU mesh (data=2, fsdp=2, tensor=2) gives the 1-device run's losses."""
+    workdir = str(tmp_path / "mesh8")
+    cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--config={REPO}/configs/shapes_dalle.py:tiny",
+           f"--workdir={workdir}", f"--config.data.data_dir={shapes_data_dir}",
+           f"--config.vqgan_workdir={vqgan_workdir}", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+           "--config.mesh.tensor=2"]
+    subprocess.run(cmd, check=True, cwd=REPO, env=subprocess_env(compilation_cache, devices=8), timeout=600)
+    one, eight = train_losses(full_run[0]), train_losses(workdir)
+    assert sorted(eight) == sorted(one)
+    np.testing.assert_allclose([eight[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=2e-4)
+    evals = {m["step"]: m["eval/loss"] for m in read_metrics(workdir) if "eval/loss" in m}
+    reference = {m["step"]: m["eval/loss"] for m in read_metrics(full_run[0]) if "eval/loss" in m}
+    np.testing.assert_allclose([evals[s] for s in (6, 12)], [reference[s] for s in (6, 12)], rtol=2e-4)
