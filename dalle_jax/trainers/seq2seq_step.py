@@ -123,6 +123,12 @@ def _micro_batches(x: jax.Array, k: int, mesh: Mesh) -> jax.Array:
     return jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, parallel.BATCH_AXES)))
 
 
+def blank_captions(text_ids: jax.Array, empty_text_ids, prob: float, key: jax.Array):
+    """Replaces each row by the empty caption with probability `prob`; returns (text_ids, which rows)."""
+    blank = jax.random.bernoulli(key, prob, (text_ids.shape[0],))
+    return jnp.where(blank[:, None], jnp.asarray(empty_text_ids)[None], text_ids), blank
+
+
 def gradients(setup: Setup, params, text_ids, codes, dropout_key):
     """Mean loss gradients and metrics over the batch, accumulated over `accumulation_steps` micro-batches."""
     k = int(setup.config.optimizer.accumulation_steps)
@@ -148,9 +154,8 @@ def train_step(setup: Setup, state, batch):
     cfg = setup.config
     step = state["step"]
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(cfg.seed), 2), step)
-    text_ids = batch["text_ids"]
-    blank = jax.random.bernoulli(jax.random.fold_in(rng, 0), cfg.data.blank_caption_prob, (text_ids.shape[0],))
-    text_ids = jnp.where(blank[:, None], jnp.asarray(setup.empty_text_ids)[None], text_ids)
+    text_ids, blank = blank_captions(batch["text_ids"], setup.empty_text_ids, cfg.data.blank_caption_prob,
+                                     jax.random.fold_in(rng, 0))
     with setup.activation_sharding():
         grads, metrics = gradients(setup, state["params"], text_ids, batch["codes"], jax.random.fold_in(rng, 1))
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
