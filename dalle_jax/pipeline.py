@@ -1,0 +1,260 @@
+"""The Python API: a trained seq2seq work directory, loaded once, turns prompts into images.
+
+    pipe = TextToImage.from_workdir("runs/dalle")
+    samples = pipe(["a small red circle in the top left", ""], num_images=4, seed=0, cond_scale=3.0)
+    samples.images     # uint8 (prompts, num_images, H, W, 3); the empty prompt samples unconditionally
+    samples.image_ids  # the sampled codes, (prompts, num_images, image_length)
+
+Image i of a request (prompt i // num_images) draws its randomness from (seed, i) alone, so it comes out the
+same whatever the batch size and the number of devices. Requests are cut into batches of `batch_size` images,
+each split over the mesh's data-parallel axes; the last batch is padded to the size of the others (so one
+compilation serves them all) and the padding dropped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+import os
+import warnings
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from dalle_jax import parallel, sampling, seq2seq_load
+from dalle_jax.data import token_records
+from dalle_jax.sampling import SamplingSettings
+from dalle_jax.trainers import seq2seq_samples, vqgan_load
+from dalle_jax.trainers.seq2seq import ENCODED_DIR
+from dalle_jax.training import gan_losses, metrics as metrics_lib
+
+DEFAULT_BATCH_SIZE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Samples:
+    """The images of one request, with everything needed to reproduce or re-decode them."""
+    prompts: tuple[str, ...]
+    images: np.ndarray  # uint8 (prompts, num_images, H, W, 3)
+    image_ids: np.ndarray  # int32 (prompts, num_images, image_length): codebook indices, row-major over the grid
+    text_ids: np.ndarray  # int32 (prompts, text_length): each prompt's ids, `<pad>`-padded
+    uncond_text_ids: np.ndarray | None  # int32 (text_length,): the empty caption; None without guidance
+    seed: int
+    settings: SamplingSettings
+    truncated: tuple[bool, ...]  # whether each prompt lost tokens to fit text_length
+
+    @property
+    def num_images(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def indices(self) -> np.ndarray:
+        """(prompts, num_images): the index i that, with `seed`, determines each image."""
+        return np.arange(self.images.shape[0] * self.num_images).reshape(self.images.shape[:2])
+
+    def grid(self) -> np.ndarray:
+        """One uint8 picture: a row of `num_images` images per prompt."""
+        return metrics_lib.image_grid(self.images.reshape(-1, *self.images.shape[2:]), columns=self.num_images)
+
+    def records(self) -> list[dict]:
+        """One JSON-ready dict per image, in index order."""
+        settings = dataclasses.asdict(self.settings)
+        uncond = None if self.uncond_text_ids is None else self.uncond_text_ids.tolist()
+        return [dict(prompt=self.prompts[p], seed=self.seed, index=int(self.indices[p, j]), **settings,
+                     text_ids=self.text_ids[p].tolist(), uncond_text_ids=uncond,
+                     image_ids=self.image_ids[p, j].tolist())
+                for p in range(len(self.prompts)) for j in range(self.num_images)]
+
+
+class TextToImage:
+    """A seq2seq model and its VQGAN, restored onto one mesh; call it with prompts to get images."""
+
+    def __init__(self, seq2seq: seq2seq_load.LoadedSeq2Seq, vqgan: vqgan_load.LoadedVQGAN, mesh: Mesh, *,
+                 batch_size: int = DEFAULT_BATCH_SIZE, default_settings: SamplingSettings | None = None):
+        _check_compatible(seq2seq, vqgan)
+        _warn_if_trained_on_another_vqgan(seq2seq, vqgan)
+        self.seq2seq, self.vqgan, self.mesh = seq2seq, vqgan, mesh
+        self.batch_size = _positive_int("batch_size", batch_size)
+        self.default_settings = (seq2seq_samples.settings_from_config(seq2seq.config.sampling)
+                                 if default_settings is None else default_settings)
+        self.default_settings.validate()
+        self._graphdef, self._state = nnx.split(seq2seq.model())
+        grid = vqgan.grid_size
+        self._decode = jax.jit(lambda params, codes: gan_losses.to_uint8(
+            nnx.merge(vqgan.graphdef, params).decode_code(codes.reshape(codes.shape[0], grid, grid))))
+
+    @classmethod
+    def from_workdir(cls, workdir: str, *, mesh: Mesh | None = None, step: int | None = None,
+                     vqgan_workdir: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                     default_settings: SamplingSettings | None = None) -> "TextToImage":
+        """Loads the seq2seq run in `workdir` (its newest checkpoint, or `step`) and the VQGAN it was trained on
+        (`config.vqgan_workdir`, unless `vqgan_workdir` names it), both onto `mesh` (default: every local device
+        on the batch axes). `default_settings` (default: the run's `config.sampling`) fill in what a call leaves
+        out."""
+        batch_size = _positive_int("batch_size", batch_size)
+        if default_settings is not None:
+            default_settings.validate()
+        config = seq2seq_load.read_config(workdir)
+        seq2seq_load.checkpoint_steps(workdir)
+        vqgan_dir = _vqgan_workdir(workdir, config, vqgan_workdir)
+        mesh = mesh if mesh is not None else seq2seq_load.default_mesh()
+        seq2seq = seq2seq_load.load_seq2seq(workdir, mesh, step=step)
+        vqgan = vqgan_load.load_vqgan(vqgan_dir, mesh)
+        return cls(seq2seq, vqgan, mesh, batch_size=batch_size, default_settings=default_settings)
+
+    @property
+    def text_length(self) -> int:
+        return int(self.seq2seq.config.model.text_length)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.vqgan.config.model.resolution)
+
+    def sampling_settings(self, *, temperature: float | None = None, top_k: int | None = None,
+                          top_p: float | None = None, cond_scale: float | None = None) -> SamplingSettings:
+        """`default_settings` with the given fields replaced (None keeps the default), checked."""
+        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
+        settings = dataclasses.replace(self.default_settings, **{k: v for k, v in given.items() if v is not None})
+        settings.validate()
+        return settings
+
+    def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, tuple[bool, ...]]:
+        """(prompts, text_length) ids of the normalised prompts, warning about each one that was truncated."""
+        rows, truncated = [], []
+        for prompt in prompts:
+            ids, cut = self.seq2seq.tokenizer.encode_with_truncation(prompt, self.text_length)
+            if cut:
+                warnings.warn(f"The prompt {prompt!r} is longer than the model's text_length={self.text_length} "
+                              f"tokens; its end was dropped. Shorten it to keep every word.", stacklevel=3)
+            rows.append(ids)
+            truncated.append(cut)
+        return np.stack(rows).astype(np.int32), tuple(truncated)
+
+    def __call__(self, prompts: str | Sequence[str], num_images: int = 1, *, seed: int = 0,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 cond_scale: float | None = None, batch_size: int | None = None,
+                 progress: bool = False) -> Samples:
+        """Samples `num_images` images per prompt. Settings left as None take `default_settings`' value;
+        `cond_scale=1` samples without guidance, `progress` shows a bar over batches."""
+        prompts = _check_prompts(prompts)
+        num_images = _positive_int("num_images", num_images)
+        batch_size = _positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
+        seed = _check_seed(seed)
+        settings = self.sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
+        text_ids, truncated = self.encode_prompts(prompts)
+        codes, images = self.generate(np.repeat(text_ids, num_images, axis=0), seed, settings,
+                                      batch_size=batch_size, progress=progress)
+        shape = (len(prompts), num_images)
+        return Samples(prompts=prompts, images=images.reshape(*shape, *images.shape[1:]),
+                       image_ids=codes.reshape(*shape, codes.shape[-1]), text_ids=text_ids,
+                       uncond_text_ids=self.seq2seq.setup.empty_text_ids if settings.guided else None,
+                       seed=seed, settings=settings, truncated=truncated)
+
+    def generate(self, text_ids: np.ndarray, seed: int, settings: SamplingSettings, *,
+                 batch_size: int | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Row i of `text_ids` (N, text_length) -> image i, drawn from (seed, i): returns the codes
+        (N, image_length) int32 and the images (N, H, W, 3) uint8."""
+        settings.validate()
+        text_ids = np.asarray(text_ids)
+        if text_ids.ndim != 2 or text_ids.shape[0] == 0 or text_ids.shape[1] != self.text_length:
+            raise ValueError(f"text_ids must have shape (N >= 1, text_length={self.text_length}), got "
+                             f"{text_ids.shape}; encode prompts with encode_prompts().")
+        total = len(text_ids)
+        ways = parallel.batch_parallelism(self.mesh)
+        batch = -(-min(batch_size or self.batch_size, total) // ways) * ways
+        codes, images = [], []
+        bar = tqdm(total=-(-total // batch), desc="sampling", unit="batch", disable=not progress)
+
+        def fetch(pending):
+            tokens, pixels, rows = pending
+            codes.append(np.asarray(jax.device_get(tokens))[:rows])
+            images.append(np.asarray(jax.device_get(pixels))[:rows])
+            bar.update(1)
+
+        pending = None
+        for start in range(0, total, batch):
+            rows = min(batch, total - start)
+            ids = np.tile(self.seq2seq.setup.empty_text_ids, (batch, 1))
+            ids[:rows] = text_ids[start:start + rows]
+            indices = np.zeros((batch,), np.int64)
+            indices[:rows] = np.arange(start, start + rows)
+            tokens = sampling.sample_image_tokens(
+                self._graphdef, self._state, ids, self.seq2seq.setup.empty_text_ids, seed, indices, settings,
+                mesh=self.mesh, sharding_rules=self.seq2seq.config.sharding_rules)
+            # Dispatch this batch before waiting for the previous one, so the device never idles on the host.
+            if pending is not None:
+                fetch(pending)
+            pending = (tokens, self._decode(self.vqgan.params, tokens), rows)
+        fetch(pending)
+        bar.close()
+        return np.concatenate(codes), np.concatenate(images)
+
+    def decode(self, image_ids) -> np.ndarray:
+        """(N, image_length) codes -> uint8 (N, H, W, 3) images, through the VQGAN decoder."""
+        image_ids = np.asarray(image_ids, np.int32)
+        if image_ids.ndim != 2 or image_ids.shape[1] != self.vqgan.grid_size ** 2:
+            raise ValueError(f"image_ids must have shape (N, {self.vqgan.grid_size ** 2}), got {image_ids.shape}.")
+        return np.asarray(jax.device_get(self._decode(self.vqgan.params, image_ids)))
+
+
+def _vqgan_workdir(workdir: str, config, override: str | None) -> str:
+    path = override or config.vqgan_workdir
+    if not path or not os.path.isdir(path):
+        source = "vqgan_workdir" if override else f"config.vqgan_workdir of {workdir!r}"
+        raise FileNotFoundError(
+            f"The VQGAN work directory {path!r} ({source}) does not exist (relative paths are read from "
+            f"{os.getcwd()!r}). Run from the directory the model was trained in, or name the VQGAN's work "
+            "directory with vqgan_workdir= (sample.py: --vqgan_workdir).")
+    return path
+
+
+def _check_compatible(seq2seq: seq2seq_load.LoadedSeq2Seq, vqgan: vqgan_load.LoadedVQGAN) -> None:
+    model = seq2seq.config.model
+    if vqgan.grid_size ** 2 != model.image_length or vqgan.codebook_size > model.image_vocab_size:
+        raise ValueError(
+            f"The VQGAN in {vqgan.workdir} ({vqgan.grid_size}x{vqgan.grid_size} codes from {vqgan.codebook_size}) "
+            f"cannot decode the model in {seq2seq.workdir} (image_length={model.image_length}, "
+            f"image_vocab_size={model.image_vocab_size}). Use the VQGAN the model was trained on.")
+    if vqgan.codebook_size < model.image_vocab_size:
+        # The trainer allows this (those ids are never targets), so the model gives them little probability.
+        warnings.warn(f"The model in {seq2seq.workdir} has image_vocab_size={model.image_vocab_size} but its VQGAN "
+                      f"has {vqgan.codebook_size} codes; an image with a sampled id of {vqgan.codebook_size} or more "
+                      "decodes to garbage.", stacklevel=3)
+
+
+def _warn_if_trained_on_another_vqgan(seq2seq: seq2seq_load.LoadedSeq2Seq, vqgan: vqgan_load.LoadedVQGAN) -> None:
+    """The run's image-token dataset records the VQGAN that made its codes (a work directory copied without its
+    `encoded/` directory has no record to check against)."""
+    encoded = os.path.join(seq2seq.workdir, ENCODED_DIR)
+    if not os.path.exists(os.path.join(encoded, token_records.MANIFEST)):
+        return
+    made_by = token_records.read_manifest(encoded).get("vqgan", {})
+    if made_by.get("fingerprint") != vqgan.fingerprint:
+        warnings.warn(f"The model in {seq2seq.workdir} learned the codes of the VQGAN {made_by.get('workdir')!r} at "
+                      f"step {made_by.get('step')}, but the VQGAN loaded from {vqgan.workdir} (step {vqgan.step}) has "
+                      "other parameters, so its pictures will not match the model's codes. Pass that VQGAN's work "
+                      "directory and checkpoint.", stacklevel=3)
+
+
+def _check_prompts(prompts) -> tuple[str, ...]:
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = tuple(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompts must be a non-empty list of str (\"\" samples unconditionally); got {prompts!r}.")
+    return prompts
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name}={value!r} must be an integer >= 1.")
+    return int(value)
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed={seed!r} must be an integer in [0, 2**32).")
+    return int(seed)
