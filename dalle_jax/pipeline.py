@@ -24,12 +24,11 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from dalle_jax import parallel, sampling, seq2seq_load
+from dalle_jax import images, parallel, sampling, seq2seq_load
 from dalle_jax.data import token_records
 from dalle_jax.sampling import SamplingSettings
-from dalle_jax.trainers import seq2seq_samples, vqgan_load
-from dalle_jax.trainers.seq2seq import ENCODED_DIR
-from dalle_jax.training import gan_losses, metrics as metrics_lib
+from dalle_jax.trainers import vqgan_load
+from dalle_jax.training import gan_losses
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -57,7 +56,7 @@ class Samples:
 
     def grid(self) -> np.ndarray:
         """One uint8 picture: a row of `num_images` images per prompt."""
-        return metrics_lib.image_grid(self.images.reshape(-1, *self.images.shape[2:]), columns=self.num_images)
+        return images.image_grid(self.images.reshape(-1, *self.images.shape[2:]), columns=self.num_images)
 
     def records(self) -> list[dict]:
         """One JSON-ready dict per image, in index order."""
@@ -78,7 +77,7 @@ class TextToImage:
         _warn_if_trained_on_another_vqgan(seq2seq, vqgan)
         self.seq2seq, self.vqgan, self.mesh = seq2seq, vqgan, mesh
         self.batch_size = _positive_int("batch_size", batch_size)
-        self.default_settings = (seq2seq_samples.settings_from_config(seq2seq.config.sampling)
+        self.default_settings = (SamplingSettings.from_config(seq2seq.config.sampling)
                                  if default_settings is None else default_settings)
         self.default_settings.validate()
         self._graphdef, self._state = nnx.split(seq2seq.model())
@@ -228,7 +227,7 @@ def _check_compatible(seq2seq: seq2seq_load.LoadedSeq2Seq, vqgan: vqgan_load.Loa
 def _warn_if_trained_on_another_vqgan(seq2seq: seq2seq_load.LoadedSeq2Seq, vqgan: vqgan_load.LoadedVQGAN) -> None:
     """The run's image-token dataset records the VQGAN that made its codes (a work directory copied without its
     `encoded/` directory has no record to check against)."""
-    encoded = os.path.join(seq2seq.workdir, ENCODED_DIR)
+    encoded = os.path.join(seq2seq.workdir, token_records.ENCODED_DIR)
     if not os.path.exists(os.path.join(encoded, token_records.MANIFEST)):
         return
     made_by = token_records.read_manifest(encoded).get("vqgan", {})

@@ -41,6 +41,14 @@ class SamplingSettings:
     top_p: float = 1.0  # keep the smallest set of most likely entries whose probability reaches top_p; 1.0 = off
     cond_scale: float = 3.0  # guidance: uncond + cond_scale * (cond - uncond); 1.0 = conditional only
 
+    @classmethod
+    def from_config(cls, sampling_cfg) -> "SamplingSettings":
+        """From a run's `config.sampling` block (`top_k` 0 means no top-k filter)."""
+        settings = cls(temperature=float(sampling_cfg.temperature), top_k=int(sampling_cfg.top_k) or None,
+                       top_p=float(sampling_cfg.top_p), cond_scale=float(sampling_cfg.cond_scale))
+        settings.validate()
+        return settings
+
     def validate(self) -> None:
         if not (isinstance(self.temperature, numbers.Real) and math.isfinite(self.temperature)
                 and self.temperature > 0):

@@ -11,7 +11,6 @@ import os
 
 import jax
 import ml_collections
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -19,11 +18,10 @@ from dalle_jax import parallel
 from dalle_jax.data import text as text_lib
 from dalle_jax.models.dalle_bart import DalleBart
 from dalle_jax.trainers import seq2seq_step, text_stage
-from dalle_jax.training import workdir as workdir_lib
+from dalle_jax.training import checkpointing, workdir as workdir_lib
 
 TRAIN_COMMAND = ("python train.py --config configs/shapes_dalle.py --workdir {workdir} "
                  "--config.vqgan_workdir=runs/vqgan")
-CHECKPOINTS = "checkpoints"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,21 +64,12 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
 
 def checkpoint_steps(workdir: str) -> list[int]:
     """The steps of the complete checkpoints in `workdir`, oldest first; raises if there are none."""
-    directory = os.path.join(os.path.abspath(workdir), CHECKPOINTS)
-    steps = []
-    if os.path.isdir(directory):
-        with _manager(directory) as manager:
-            steps = sorted(manager.all_steps())
+    steps = checkpointing.checkpoint_steps(workdir)
     if not steps:
-        raise FileNotFoundError(f"The seq2seq work directory {workdir!r} has no checkpoint in {directory} yet. "
-                                f"Train it (at least to its first checkpoint) with "
-                                f"`{TRAIN_COMMAND.format(workdir=workdir)}`.")
+        raise FileNotFoundError(f"The seq2seq work directory {workdir!r} has no checkpoint in "
+                                f"{os.path.join(workdir, 'checkpoints')} yet. Train it (at least to its first "
+                                f"checkpoint) with `{TRAIN_COMMAND.format(workdir=workdir)}`.")
     return steps
-
-
-def _manager(directory: str) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
 
 
 def load_seq2seq(workdir: str, mesh: Mesh | None = None, *, step: int | None = None) -> LoadedSeq2Seq:
@@ -103,11 +92,6 @@ def load_seq2seq(workdir: str, mesh: Mesh | None = None, *, step: int | None = N
     abstract_params = nnx.state(abstract_model, nnx.Param).to_pure_dict()
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params,
                           shardings["params"])
-    # A partial restore of the "state" item reads the parameters and nothing else.
-    item = {"params": target}
-    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                  partial_restore=True)
-    with _manager(os.path.join(os.path.abspath(workdir), CHECKPOINTS)) as manager:
-        params = manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]
+    params = checkpointing.restore_params(workdir, step, target)
     return LoadedSeq2Seq(workdir=os.path.abspath(workdir), config=config, tokenizer=tokenizer, setup=setup,
                          params=params, shardings=shardings["params"], step=int(step))

@@ -33,6 +33,7 @@ _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 _OBJECT_NAMES = ("color", "shape", "size", "cell")
 _INT32 = np.iinfo(np.int32)
 
+ENCODED_DIR = "encoded"  # the image-token records' folder inside a seq2seq work directory
 
 def shard_filename(split: str, index: int) -> str:
     if not _SPLIT_NAME.match(split):

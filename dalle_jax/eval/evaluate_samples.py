@@ -31,7 +31,6 @@ from dalle_jax.data import token_records
 from dalle_jax.eval import judge as judge_lib
 from dalle_jax.pipeline import TextToImage
 from dalle_jax.sampling import SamplingSettings
-from dalle_jax.trainers.seq2seq import ENCODED_DIR
 
 DEFAULT_SPLITS = ("test", "test_compositional")
 
@@ -44,7 +43,7 @@ class Example:
 
 def split_examples(workdir: str, split: str, max_examples: int | None = None) -> list[Example]:
     """The first `max_examples` (default: all) records of `split` in the work directory's encoded dataset."""
-    source = token_records.open_split(os.path.join(workdir, ENCODED_DIR), split)
+    source = token_records.open_split(os.path.join(workdir, token_records.ENCODED_DIR), split)
     count = len(source) if max_examples is None else min(len(source), max_examples)
     examples = []
     for i in range(count):

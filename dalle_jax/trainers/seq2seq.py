@@ -22,8 +22,6 @@ from dalle_jax.trainers import encode_stage, seq2seq_samples, seq2seq_step, text
 from dalle_jax.training import checkpointing, loop, metrics as metrics_lib, throughput, workdir as workdir_lib
 from dalle_jax.training.progress import Progress
 
-ENCODED_DIR = "encoded"
-
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict | None:
     """Runs (or resumes) training in `workdir`; returns the final test-split figures (None when `stop_after`
@@ -42,7 +40,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     workdir_lib.save_config(config, workdir)
 
     # 2. The image-token dataset (encoded once by this VQGAN) and the text tokenizer (trained once).
-    encoded_dir = os.path.join(workdir, ENCODED_DIR)
+    encoded_dir = os.path.join(workdir, token_records.ENCODED_DIR)
     encode_stage.encode_dataset(config.data, vqgan, encoded_dir, mesh, batch_size=config.data.encode_batch_size)
     train_source = token_records.open_split(encoded_dir, "train")
     tokenizer = text_stage.prepare_tokenizer(config, workdir, _all_captions(train_source))

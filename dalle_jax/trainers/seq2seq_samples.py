@@ -9,16 +9,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dalle_jax import parallel, sampling
-from dalle_jax.training import gan_losses, metrics as metrics_lib
-
-
-def settings_from_config(sampling_cfg) -> sampling.SamplingSettings:
-    settings = sampling.SamplingSettings(
-        temperature=float(sampling_cfg.temperature), top_k=int(sampling_cfg.top_k) or None,
-        top_p=float(sampling_cfg.top_p), cond_scale=float(sampling_cfg.cond_scale))
-    settings.validate()
-    return settings
+from dalle_jax import images, parallel, sampling
+from dalle_jax.training import gan_losses
 
 
 class SampleGrid:
@@ -30,7 +22,7 @@ class SampleGrid:
         self.columns = int(config.sampling.images_per_prompt)
         self.text_ids = tokenizer.encode_batch([p for p in prompts for _ in range(self.columns)],
                                                config.model.text_length)
-        self.settings = settings_from_config(config.sampling)
+        self.settings = sampling.SamplingSettings.from_config(config.sampling)
         self.seed = int(config.sampling.seed)
         self.setup, self.vqgan, self.rules = setup, vqgan, config.sharding_rules
         rows = self.text_ids.shape[0]
@@ -48,5 +40,5 @@ class SampleGrid:
 
     def __call__(self, params) -> np.ndarray:
         """A uint8 picture: one row of `images_per_prompt` samples per prompt."""
-        images = jax.device_get(self._decode(self.vqgan.params, self.tokens(params)))
-        return metrics_lib.image_grid(np.asarray(images), columns=self.columns)
+        decoded = jax.device_get(self._decode(self.vqgan.params, self.tokens(params)))
+        return images.image_grid(np.asarray(decoded), columns=self.columns)

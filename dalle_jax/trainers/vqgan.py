@@ -12,7 +12,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from dalle_jax import parallel
+from dalle_jax import images, parallel
 from dalle_jax.data import pipeline, sources
 from dalle_jax.models import quantizer as vq
 from dalle_jax.trainers import vqgan_step
@@ -115,7 +115,7 @@ def _evaluate(setup, eval_step, mesh, builder, transform, params, split: str, nu
                    codebook_size=float(config.model.codebook_size), examples=float(count))
     if judge and config.data.dataset == "captioned_shapes":
         figures.update(_judge_reconstructions(source, np.concatenate(reconstructions)))
-    grid = metrics_lib.image_grid(shown, columns=min(config.num_recon_images, shown.shape[0]))
+    grid = images.image_grid(shown, columns=min(config.num_recon_images, shown.shape[0]))
     return figures, grid
 
 

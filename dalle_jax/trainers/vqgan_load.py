@@ -14,13 +14,12 @@ import os
 import jax
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
 from dalle_jax import parallel
 from dalle_jax.models.vqgan import VQGAN
-from dalle_jax.training import workdir as workdir_lib
+from dalle_jax.training import checkpointing, workdir as workdir_lib
 
 TRAIN_COMMAND = "python train.py --config configs/shapes_vqgan.py --workdir {workdir}"
 
@@ -68,33 +67,23 @@ def load_vqgan(workdir: str, mesh: Mesh | None = None, *, step: int | None = Non
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           abstract_state.to_pure_dict())
 
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    step, params = _restore_params(directory, target, step, workdir)
+    step, params = _restore_params(target, step, workdir)
     return LoadedVQGAN(workdir=os.path.abspath(workdir), config=config, graphdef=graphdef, params=params,
                        step=step, fingerprint=fingerprint(config.model, step, params),
                        grid_size=int(abstract_model.grid_size), codebook_size=int(abstract_model.codebook_size))
 
 
-def _restore_params(directory: str, target: dict, step: int | None, workdir: str) -> tuple[int, dict]:
-    no_checkpoint = (f"The VQGAN work directory {workdir!r} has no checkpoint in {directory} yet. Train it with "
-                     f"`{TRAIN_COMMAND.format(workdir=workdir)}`.")
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(no_checkpoint)
-    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
-    with ocp.CheckpointManager(directory, options=options, item_names=("state", "data")) as manager:
-        steps = manager.all_steps()
-        if not steps:
-            raise FileNotFoundError(no_checkpoint)
-        if step is None:
-            step = manager.latest_step()
-        elif step not in steps:
-            raise ValueError(f"{directory} has no checkpoint of step {step}; it has steps {sorted(steps)}.")
-        # A partial restore of the "state" item reads the generator's arrays and nothing else.
-        item = {"params": target}
-        args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                                      partial_restore=True)
-        restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
-    return int(step), restored["params"]
+def _restore_params(target: dict, step: int | None, workdir: str) -> tuple[int, dict]:
+    steps = checkpointing.checkpoint_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"The VQGAN work directory {workdir!r} has no checkpoint in "
+                                f"{os.path.join(workdir, 'checkpoints')} yet. Train it with "
+                                f"`{TRAIN_COMMAND.format(workdir=workdir)}`.")
+    if step is None:
+        step = steps[-1]
+    elif step not in steps:
+        raise ValueError(f"{workdir!r} has no checkpoint of step {step}; it has steps {steps}.")
+    return int(step), checkpointing.restore_params(workdir, step, target)
 
 
 def fingerprint(model_config: ml_collections.ConfigDict, step: int, params: dict) -> str:

@@ -55,3 +55,27 @@ def restore_or_keep(checkpointer: Checkpointer, state, shardings, data_iterator)
         return state, 0
     logging.info("Resuming from step %d in %s", step, checkpointer.directory)
     return checkpointer.restore(step, abstract_like(state, shardings), data_iterator), int(step)
+
+
+def _read_only_manager(directory: str) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, create=False)
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "data"))
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+    """Steps of the complete checkpoints in `workdir`, oldest first (empty when there are none)."""
+    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not os.path.isdir(directory):
+        return []
+    with _read_only_manager(directory) as manager:
+        return sorted(manager.all_steps())
+
+
+def restore_params(workdir: str, step: int, abstract_params):
+    """Only `state["params"]` of a checkpoint (a partial restore: optimizer states and the data iterator stay on
+    disk), into the shardings `abstract_params` carries."""
+    item = {"params": abstract_params}
+    args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                                  partial_restore=True)
+    with _read_only_manager(os.path.join(os.path.abspath(workdir), "checkpoints")) as manager:
+        return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]

@@ -1,0 +1,134 @@
+"""The whole pipeline in one command (`make demo`): data, VQGAN, tokenizer + DalleBart, samples, judged report.
+
+    python -m dalle_jax.demo [--root runs/demo] [--max_examples 1000]
+
+Stages: build captioned_shapes -> train the VQGAN (`ROOT/vqgan`) -> train the text tokenizer and DalleBart
+(`ROOT/dalle`) -> sample a grid for fixed prompts, held-out colour/shape pairs included (`ROOT/samples.png`) ->
+sample and judge `test` and `test_compositional` -> `ROOT/report.json`. A stage that finished in an earlier run is
+reused (its recorded time is kept); a stage that was interrupted resumes from its checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from absl import app, flags
+
+from configs import shapes_dalle, shapes_vqgan
+
+_ROOT = flags.DEFINE_string("root", "runs/demo", "Directory of the demo's work directories and outputs.")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 1000, "Examples judged per split (at most the split's size).")
+
+# One row each; the last three use colour/shape pairs that never occur in training.
+DEMO_PROMPTS = (
+    "a small red circle in the top left",
+    "a large blue square in the center",
+    "a yellow triangle to the left of a red square",
+    "a large green triangle in the bottom right",
+    "a purple circle above a blue triangle",
+    "a orange square below a yellow circle",  # the dataset writes "a" before every colour
+)
+IMAGES_PER_PROMPT = 8
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+class Stages:
+    """Runs each stage once; the time of a finished stage is recorded in ROOT/timings.json and reused."""
+
+    def __init__(self, root: str):
+        self.path = os.path.join(root, "timings.json")
+        self.timings = _read_json(self.path) or {}
+
+    def run(self, name: str, done: bool, work) -> None:
+        if done and name in self.timings:
+            logging.info("demo: %s already done (%.0f s when it ran)", name, self.timings[name])
+            return
+        logging.info("demo: %s", name)
+        start = time.perf_counter()
+        work()
+        self.timings[name] = time.perf_counter() - start
+        _write_json(self.path, self.timings)
+
+
+def run_demo(root: str, max_examples: int) -> dict:
+    from dalle_jax.data import sources
+    from dalle_jax.trainers import seq2seq, vqgan
+
+    os.makedirs(root, exist_ok=True)
+    vqgan_dir, dalle_dir = os.path.join(root, "vqgan"), os.path.join(root, "dalle")
+    vqgan_config = shapes_vqgan.get_config()
+    dalle_config = shapes_dalle.get_config()
+    dalle_config.vqgan_workdir = vqgan_dir
+    stages = Stages(root)
+
+    stages.run("data", sources.builder_for(vqgan_config.data).is_prepared(),
+               lambda: sources.prepare(vqgan_config.data))
+    stages.run("vqgan", _finished(vqgan_dir, vqgan_config), lambda: vqgan.train(vqgan_config, vqgan_dir))
+    stages.run("seq2seq", _finished(dalle_dir, dalle_config), lambda: seq2seq.train(dalle_config, dalle_dir))
+
+    from dalle_jax.eval import evaluate_samples
+    from dalle_jax.pipeline import TextToImage
+    from PIL import Image
+
+    pipe = None
+
+    def load():
+        nonlocal pipe
+        pipe = pipe or TextToImage.from_workdir(dalle_dir, batch_size=250)
+        return pipe
+
+    samples_path = os.path.join(root, "samples.png")
+    stages.run("samples", os.path.exists(samples_path), lambda: Image.fromarray(
+        load()(list(DEMO_PROMPTS), num_images=IMAGES_PER_PROMPT, seed=0).grid()).save(samples_path))
+    judged_path = os.path.join(root, "judged.json")
+    stages.run("evaluate", os.path.exists(judged_path), lambda: _write_json(
+        judged_path, evaluate_samples.evaluate_samples(load(), max_examples=max_examples, progress=True)))
+
+    report = _report(stages.timings, vqgan_dir, dalle_dir, _read_json(judged_path))
+    _write_json(os.path.join(root, "report.json"), report)
+    return report
+
+
+def _finished(workdir: str, config) -> bool:
+    final = _read_json(os.path.join(workdir, "test_metrics.json"))
+    return final is not None and final.get("step") == config.num_steps
+
+
+def _report(timings: dict, vqgan_dir: str, dalle_dir: str, judged: dict) -> dict:
+    vq = _read_json(os.path.join(vqgan_dir, "test_metrics.json"))
+    s2s = _read_json(os.path.join(dalle_dir, "test_metrics.json"))
+    judge = {}
+    for split, result in judged["sets"].items():
+        judge[split] = dict(accuracy=result["accuracy"], count=result["count"],
+                            **{name: a["accuracy"] for name, a in result["attributes"].items()})
+    return dict(
+        timings_s=dict(timings, total=sum(timings.values())),
+        vqgan=dict(psnr=vq["psnr"], codebook_usage=vq["codebook_usage"]),
+        seq2seq=dict(eval_loss=s2s["loss"], token_accuracy=s2s["token_accuracy"], perplexity=s2s["perplexity"]),
+        judge=judge, sampling=judged["settings"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    report = run_demo(_ROOT.value, _MAX_EXAMPLES.value)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    app.run(main)
