@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test clean
+.PHONY: install test demo clean
 
 install: $(STAMP)
 
@@ -15,6 +15,10 @@ $(STAMP): setup.py
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The whole pipeline on captioned_shapes: data, VQGAN, tokenizer + DalleBart, samples, judged report (runs/demo).
+demo: install
+	$(PY) -m dalle_jax.demo --root runs/demo
 
 clean:
 	rm -rf $(VENV) *.egg-info
