@@ -44,11 +44,11 @@ _READ_CHUNK = 64
 # Batches read ahead of the one being encoded.
 _READ_AHEAD = 2
 # Most rows of one encode call per device (see _chunk_rows).
-_DEVICE_ROWS = 128
-# XLA:CPU's YNNPACK kernels run this encoder's narrow convolutions and its GroupNorm and argmin reductions ~4x
-# slower than XLA's own kernels on x86 (bench: the shapes VQGAN, 2 cores). Turning them off for the encode
-# executable only leaves every other program as it is. It changes float rounding, so about 2 in 10,000 codes
-# that sit on a near-tie between two codebook entries come out differently than under the default options.
+_DEVICE_ROWS = 64
+# XLA:CPU's YNNPACK kernels spend ~4x the kernel time of XLA's own on this encoder's narrow convolutions and its
+# GroupNorm reductions (the shapes VQGAN on a 2-core x86 VM; ~1.5x less CPU per image end to end). The option
+# applies to the encode executable only. It changes float rounding: ~2 in 10,000 codes, near-ties between two
+# codebook entries, differ from an encode compiled with the default options.
 _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -278,11 +278,14 @@ def _remove(encoded_dir: str, keep: set) -> None:
 
 def _chunk_rows(batch_size: int, ways: int) -> int:
     """Rows per encode call: the largest divisor of the batch that splits evenly `ways` ways and gives each device
-    at most `_DEVICE_ROWS` rows. On CPU, a call on 500 32x32 images maps and faults in ~130 MB of fresh
-    temporaries, which costs more system time than a few more calls cost dispatch time."""
-    fits = [rows for rows in range(ways, batch_size + 1, ways)
-            if batch_size % rows == 0 and rows <= _DEVICE_ROWS * ways]
-    return max(fits)
+    at most `_DEVICE_ROWS` rows, or the whole batch where that divisor would be tiny (a prime batch size).
+
+    On CPU, a call on 500 32x32 images takes ~130 MB of temporaries, which glibc maps afresh on every call: the
+    page faults cost more than a few more calls cost dispatch time (50-image calls: ~15% more images/s).
+    """
+    limit = _DEVICE_ROWS * ways
+    best = max(rows for rows in range(ways, min(batch_size, limit) + 1, ways) if batch_size % rows == 0)
+    return best if 4 * best >= min(batch_size, limit) else batch_size
 
 
 def _local_rows(sharding, batch_size: int, chunk: int, resolution: int) -> list[int]:
