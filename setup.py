@@ -30,7 +30,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8,<10"],
-        "torch": ["torch==2.13.0"],
+        # Interop tests: the other frameworks' own modules. taming-transformers-rom1504 is installed apart, with
+        # --no-deps (see the Makefile): its declared deps pull torchvision and a newer torch, its modules need neither.
+        "torch": ["torch==2.13.0", "min-dalle==0.4.11", "diffusers>=0.42,<0.43", "einops>=0.8,<0.9",
+                  "emoji>=2.16,<3"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
     },
 )

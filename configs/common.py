@@ -1,4 +1,4 @@
-"""Config blocks every recipe shares: the device mesh and the dataset."""
+"""Config blocks every recipe shares: the device mesh, the dataset, and what to do about faults."""
 import ml_collections
 
 
@@ -27,3 +27,13 @@ def data_config(image_size) -> ml_collections.ConfigDict:
     # captioned_shapes only: examples per split (None = the dataset's defaults).
     data.shapes_split_sizes = ml_collections.config_dict.placeholder(dict)
     return data
+
+
+def faults_config() -> ml_collections.ConfigDict:
+    faults = ml_collections.ConfigDict()
+    # Updates with a non-finite loss, gradient or result are skipped; this many in a row stop the run.
+    faults.max_consecutive_nonfinite = 10
+    # On a corrupt newest checkpoint: False fails naming it; True moves it to corrupt_checkpoints/ and resumes
+    # from the newest intact one.
+    faults.restore_fallback = False
+    return faults

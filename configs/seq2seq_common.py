@@ -9,11 +9,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.trainer = "seq2seq"  # Which trainer train.py runs: "vqgan" or "seq2seq".
     config.vqgan_workdir = ""  # Work directory of the trained VQGAN whose codes the model predicts (required).
     config.seed = 0  # Seeds parameters, data order and every random draw of the run.
+    config.init_from = ""  # Work directory (imported or trained) whose newest parameters start a new run.
     config.num_steps = 1000  # Optimizer steps in total.
     config.log_every = 50  # Steps between training-metric lines.
     config.eval_every = 500  # Steps between evaluations on `validation` (and at the last step).
     config.checkpoint_every = 500  # Steps between checkpoints (and at the last step).
     config.keep_checkpoints = 3  # Newest checkpoints kept on disk.
+    config.faults = common.faults_config()  # Non-finite updates and corrupt checkpoints.
 
     config.mesh = common.mesh_config()
     # Logical axis -> mesh axes, for parameters and activations alike. A mesh axis that does not divide a

@@ -8,12 +8,14 @@ def base_config(image_size: int) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.trainer = "vqgan"  # Which trainer train.py runs: "vqgan" or "seq2seq".
     config.seed = 0  # Seeds parameters, data order and every random draw of the run.
+    config.init_from = ""  # Work directory (imported or trained) whose newest parameters start a new run.
     config.num_steps = 1000  # Optimizer steps in total.
     config.log_every = 50  # Steps between training-metric lines.
     config.eval_every = 500  # Steps between evaluations on `validation` (and at the last step).
     config.checkpoint_every = 500  # Steps between checkpoints (and at the last step).
     config.keep_checkpoints = 3  # Newest checkpoints kept on disk.
     config.num_recon_images = 8  # Images shown in the reconstruction grids.
+    config.faults = common.faults_config()  # Non-finite updates and corrupt checkpoints.
 
     config.mesh = common.mesh_config()
     # Logical parameter axis -> mesh axes. A mesh axis that does not divide a dimension is skipped for it.

@@ -84,11 +84,26 @@ def state_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules) -> dict
 
 
 def optimizer_shardings(tx, abstract_opt_state, param_shardings, mesh: Mesh):
-    """Shards optimizer moments like the parameters they track; everything else (counts, scalars) replicated."""
+    """Shards optimizer moments like the parameters they track; everything else (counts, scalars) replicated.
+
+    A moment whose shape differs from its parameter's (Adafactor's factored rows and columns, or its (1,)
+    placeholders) is replicated when the parameter's sharding does not fit it: those are O(rows + columns) small.
+    """
     replicated = NamedSharding(mesh, P())
     return optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt_state, param_shardings,
-        transform_non_params=lambda _: replicated)
+        tx, lambda moment, s: s if _sharding_fits(s, np.shape(moment)) else replicated, abstract_opt_state,
+        param_shardings, transform_non_params=lambda _: replicated)
+
+
+def _sharding_fits(sharding: NamedSharding, shape: Sequence[int]) -> bool:
+    spec = tuple(sharding.spec)
+    if len(spec) > len(shape):
+        return False
+    for dim, axes in zip(shape, spec):
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        if dim % math.prod(sharding.mesh.shape[a] for a in axes):
+            return False
+    return True
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from dalle_jax import parallel
 from dalle_jax.data import text as text_lib
+from dalle_jax.interop import min_dalle_tokenizer
 from dalle_jax.models.dalle_bart import DalleBart
 from dalle_jax.trainers import seq2seq_step, text_stage
 from dalle_jax.training import checkpointing, workdir as workdir_lib
@@ -29,7 +30,7 @@ class LoadedSeq2Seq:
     """A seq2seq run restored from its work directory; `params` lie in `shardings` over `setup.mesh`."""
     workdir: str
     config: ml_collections.ConfigDict
-    tokenizer: text_lib.TextTokenizer
+    tokenizer: text_lib.TextTokenizer | min_dalle_tokenizer.MinDalleTokenizer
     setup: seq2seq_step.Setup
     params: dict
     shardings: dict
@@ -56,10 +57,18 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                          "(its config.trainer must be 'seq2seq'). Pass the work directory of a run trained with "
                          "configs/shapes_dalle.py (or another seq2seq recipe).")
     tokenizer_path = os.path.join(workdir, text_stage.TOKENIZER_FILE)
-    if not os.path.isfile(tokenizer_path):
+    if not os.path.isfile(tokenizer_path) and not min_dalle_tokenizer.has_files(workdir):
         raise FileNotFoundError(f"{tokenizer_path} does not exist: the run in {workdir!r} stopped before it made "
                                 f"its tokenizer. Resume it with `{TRAIN_COMMAND.format(workdir=workdir)}`.")
     return config
+
+
+def load_tokenizer(workdir: str):
+    """The run's sentencepiece `tokenizer.model`, or, in a work directory imported from min-dalle, its BPE
+    `vocab.json` + `merges.txt` (same interface)."""
+    if os.path.isfile(os.path.join(workdir, text_stage.TOKENIZER_FILE)):
+        return text_lib.TextTokenizer(os.path.join(workdir, text_stage.TOKENIZER_FILE))
+    return min_dalle_tokenizer.MinDalleTokenizer(workdir)
 
 
 def checkpoint_steps(workdir: str) -> list[int]:
@@ -85,7 +94,7 @@ def load_seq2seq(workdir: str, mesh: Mesh | None = None, *, step: int | None = N
     elif step not in steps:
         raise ValueError(f"{workdir!r} has no checkpoint of step {step}; it has steps {steps}.")
     mesh = mesh if mesh is not None else default_mesh()
-    tokenizer = text_lib.TextTokenizer(os.path.join(workdir, text_stage.TOKENIZER_FILE))
+    tokenizer = load_tokenizer(workdir)
     setup, _, shardings = seq2seq_step.create(config, mesh, initialize=False)
 
     abstract_model = nnx.eval_shape(lambda: DalleBart(config.model, rngs=nnx.Rngs(params=0, dropout=0)))

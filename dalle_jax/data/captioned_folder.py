@@ -119,6 +119,14 @@ def read_bad_examples(data_dir: str | os.PathLike) -> dict[str, int]:
     return flat
 
 
+def bad_example_metrics(builder) -> dict[str, int]:
+    """`data/skipped/<reason>`, `data/normalised/<fix>`, ... of a prepared captioned_folder dataset, for a
+    trainer's metrics; {} for any other dataset."""
+    if not isinstance(builder, CaptionedFolder):
+        return {}
+    return {f"data/{key}": count for key, count in read_bad_examples(builder.data_dir).items()}
+
+
 @dataclasses.dataclass(frozen=True)
 class FolderEntry:
     """One usable (image, caption) pair."""

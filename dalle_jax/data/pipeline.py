@@ -1,7 +1,9 @@
 """grain input pipelines: per-process shards, seeded shuffling, checkpointable iterators, global batches.
 
-Each process reads every `process_count`-th example of the source, so processes never overlap; the iterator's
-position is part of every checkpoint, so a resumed run sees exactly the batches an uninterrupted run would.
+Training: process p reads the p-th block of each global batch of one shuffled stream, so processes never overlap
+and a global batch holds the same examples in the same rows whatever the number of processes. Evaluation: each
+process reads every `process_count`-th example. The iterator's position is part of every checkpoint, so a resumed
+run sees exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
 
@@ -43,13 +45,15 @@ def train_iterator(source, transform: Transform | None, *, global_batch: int, se
     if (transform is None) == (random_transform is None):
         raise ValueError("train_iterator takes exactly one of transform and random_transform.")
     local_batch = per_process_batch(global_batch)
-    ds = _process_shard(source)
-    if len(ds) < local_batch:
-        raise ValueError(f"This process's share of the training split has {len(ds)} examples, fewer than its "
-                         f"{local_batch} examples per batch; lower config.data.batch_size or use more data.")
-    ds = ds.shuffle(seed=seed).repeat()
+    if len(source) < global_batch:
+        raise ValueError(f"The training split has {len(source)} examples, fewer than the {global_batch} examples "
+                         "of one batch; lower config.data.batch_size or use more data.")
+    # One shuffled, transformed stream cut into blocks of `local_batch`; global batch b is blocks bP .. bP+P-1 and
+    # process p reads block bP+p (lazily: only its own examples). The global batches, their row order and every
+    # random draw are then the same for 1 process or many, so multi-host runs reproduce single-host ones.
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
     ds = ds.map(transform) if transform is not None else ds.random_map(random_transform, seed=seed + 1)
-    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.batch(local_batch, drop_remainder=True)[jax.process_index()::jax.process_count()]
     options = grain.ReadOptions(num_threads=max(read_threads, 0), prefetch_buffer_size=max(prefetch, 0))
     return iter(ds.to_iter_dataset(options))
 

@@ -65,6 +65,10 @@ def encode_dataset(data_cfg, vqgan: LoadedVQGAN, encoded_dir: str, mesh: Mesh, *
     parallel.check_global_batch(batch_size, mesh, "batch_size")
     if examples_per_shard < 1:
         raise ValueError(f"examples_per_shard={examples_per_shard} must be at least 1.")
+    if vqgan.config.get("decode_only", False):
+        raise ValueError(f"The VQGAN in {vqgan.workdir} was imported without its encoder "
+                         f"({vqgan.config.get('imported_from')}); it can decode samples but not encode images. Train "
+                         "on a VQGAN with an encoder, e.g. one imported with --format taming.")
     resolution = int(vqgan.config.model.resolution)
     if int(data_cfg.image_size) != resolution:
         raise ValueError(f"config.data.image_size={data_cfg.image_size} but the VQGAN in {vqgan.workdir} encodes "

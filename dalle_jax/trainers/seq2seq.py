@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import os
+import types
 
 import jax
 import ml_collections
@@ -19,24 +20,27 @@ from dalle_jax import parallel
 from dalle_jax.data import pipeline, token_records
 from dalle_jax.models import dalle_bart
 from dalle_jax.trainers import encode_stage, seq2seq_samples, seq2seq_step, text_stage, vqgan_load
-from dalle_jax.training import checkpointing, loop, metrics as metrics_lib, throughput, workdir as workdir_lib
+from dalle_jax.training import (checkpointing, init_from, loop, metrics as metrics_lib, throughput,
+                                workdir as workdir_lib)
 from dalle_jax.training.progress import Progress
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict | None:
-    """Runs (or resumes) training in `workdir`; returns the final test-split figures (None when `stop_after`
-    ends this invocation early; a later call resumes from there)."""
+    """Runs (or resumes) training in `workdir`; returns the final test-split figures (None when `stop_after`, SIGTERM
+    or SIGINT ends this invocation early, after checkpointing; a later call resumes from there)."""
     # 1. Devices, checks that need no compilation, and the run's record.
     if not config.vqgan_workdir:
         raise ValueError("config.vqgan_workdir is empty: pass the work directory of a trained VQGAN, e.g. "
                          "--config.vqgan_workdir=runs/vqgan.")
     seq2seq_step.check_config(config)
+    begin = init_from.find_start(config, workdir)  # imported weights or config.init_from, checked against config
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_global_batch(config.data.batch_size, mesh)
     parallel.check_global_batch(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
     parallel.check_global_batch(config.data.encode_batch_size, mesh, "config.data.encode_batch_size")
+    if (described := _describe_vqgan(config.vqgan_workdir)) is not None:
+        _check_matches_vqgan(config, described)  # from the VQGAN's config alone, before anything is compiled
     vqgan = vqgan_load.load_vqgan(config.vqgan_workdir, mesh)
-    _check_matches_vqgan(config, vqgan)
     workdir_lib.save_config(config, workdir)
 
     # 2. The image-token dataset (encoded once by this VQGAN) and the text tokenizer (trained once).
@@ -55,7 +59,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     setup, state, shardings = seq2seq_step.create(config, mesh)
     checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
                                               save_every=config.checkpoint_every)
-    state, start = checkpointing.restore_or_keep(checkpointer, state, shardings, train_iter)
+    if begin is not None:  # no training checkpoint yet: start from imported weights or config.init_from's
+        state, start = init_from.load_params(begin, state, shardings)
+    else:
+        state, start = checkpointing.restore_or_keep(checkpointer, state, shardings, train_iter,
+                                                     fall_back=config.faults.restore_fallback)
     if start >= cadence.last_step and not cadence.finishes_run:
         return None
     writer = metrics_lib.MetricsWriter(workdir)
@@ -63,8 +71,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
 
     # 4. Compiled steps with explicit shardings; the train step donates the old state.
     batch_sh = parallel.batch_sharding(mesh)
-    train_step = jax.jit(functools.partial(seq2seq_step.train_step, setup), in_shardings=(shardings, batch_sh),
-                         out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    train_step = jit_train_step(setup, shardings, mesh)
     eval_step = jax.jit(functools.partial(seq2seq_step.eval_step, setup),
                         in_shardings=(shardings["params"], batch_sh), out_shardings=parallel.replicated(mesh))
     sampler = seq2seq_samples.SampleGrid(config, setup, vqgan, tokenizer, mesh)
@@ -87,13 +94,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                     mfu=throughput.mfu(flops_per_step, per_s, peak, jax.device_count()))
 
     # 6. The loop: step, log, evaluate, checkpoint.
-    state = loop.run(
+    state, last_trained = loop.run(
         state, start=start, cadence=cadence, train_step=train_step,
         next_batch=lambda: parallel.global_batch(next(train_iter), mesh), evaluate=evaluate_and_write,
         checkpointer=checkpointer, data_iterator=train_iter, writer=writer,
         progress=Progress(config.num_steps, start, "seq2seq"), rates=rates,
         shown=dict(loss="loss", accuracy="token_accuracy", mfu="mfu"))
-    if not cadence.finishes_run:
+    if last_trained < config.num_steps:  # stopped early: by stop_after, or by a stop request (SIGTERM, SIGINT)
         writer.close()
         return None
 
@@ -108,7 +115,38 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     return final
 
 
-def _check_matches_vqgan(config, vqgan: vqgan_load.LoadedVQGAN) -> None:
+def jit_train_step(setup: seq2seq_step.Setup, shardings, mesh):
+    """The train step compiled with explicit shardings, donating the old state (also lowered ahead of time by
+    dalle_jax.aot for a TPU topology)."""
+    return jax.jit(functools.partial(seq2seq_step.train_step, setup),
+                   in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def batch_shapes(config: ml_collections.ConfigDict) -> dict:
+    """Shape and dtype of each field of a global training batch."""
+    b = config.data.batch_size
+    return dict(text_ids=jax.ShapeDtypeStruct((b, config.model.text_length), np.int32),
+                codes=jax.ShapeDtypeStruct((b, config.model.image_length), np.int32))
+
+
+def _describe_vqgan(vqgan_workdir: str):
+    """The codebook and grid of the VQGAN in `vqgan_workdir`, read from its config alone; None when the directory
+    holds no VQGAN config (loading it then says what is wrong)."""
+    if not os.path.isfile(os.path.join(vqgan_workdir, "config.json")):
+        return None
+    vqgan_config = workdir_lib.load_config(vqgan_workdir)
+    if vqgan_config.get("trainer") != "vqgan":
+        return None
+    from flax import nnx
+    from dalle_jax.models.vqgan import VQGAN
+    model = nnx.eval_shape(lambda: VQGAN(vqgan_config.model, rngs=nnx.Rngs(0)))
+    return types.SimpleNamespace(workdir=os.path.abspath(vqgan_workdir), codebook_size=int(model.codebook_size),
+                                 grid_size=int(model.grid_size))
+
+
+def _check_matches_vqgan(config, vqgan) -> None:
+    """`vqgan` has `workdir`, `codebook_size` and `grid_size` (a LoadedVQGAN or `_describe_vqgan`'s answer)."""
     if vqgan.codebook_size > config.model.image_vocab_size:
         raise ValueError(f"The VQGAN in {vqgan.workdir} has {vqgan.codebook_size} codes but "
                          f"config.model.image_vocab_size={config.model.image_vocab_size}; set "

@@ -29,8 +29,10 @@ class SampleGrid:
         # The batch is split over the mesh when it divides evenly; otherwise it runs where the parameters are.
         self.mesh = mesh if rows % parallel.batch_parallelism(mesh) == 0 else None
         grid = vqgan.grid_size
+        # Replicated, so that every process of a multi-host run can fetch the whole grid.
         self._decode = jax.jit(lambda params, codes: gan_losses.to_uint8(
-            nnx.merge(vqgan.graphdef, params).decode_code(codes.reshape(codes.shape[0], grid, grid))))
+            nnx.merge(vqgan.graphdef, params).decode_code(codes.reshape(codes.shape[0], grid, grid))),
+            out_shardings=parallel.replicated(mesh))
 
     def tokens(self, params) -> jax.Array:
         graphdef, state = nnx.split(self.setup.model(params))

@@ -4,7 +4,7 @@ State: {step, params, opt_state}. A batch holds `text_ids` (B, text_length) and 
 train step blanks captions with probability `blank_caption_prob` (so the model also learns the unconditional
 distribution that guidance needs), accumulates gradients over `accumulation_steps` micro-batches and applies one
 optimizer update. Randomness is `fold_in(seed, step)` on a branch of its own, so a resumed run draws exactly what
-an unbroken one would.
+an unbroken one would. An update whose loss, gradients or result are not finite is skipped (metric `nonfinite`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from dalle_jax import parallel
 from dalle_jax.data import text as text_lib
 from dalle_jax.models import dalle_bart, seq2seq_loss
 from dalle_jax.models.dalle_bart import DalleBart
-from dalle_jax.training import optimizers
+from dalle_jax.training import finite_updates, optimizers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,7 +160,12 @@ def train_step(setup: Setup, state, batch):
         grads, metrics = gradients(setup, state["params"], text_ids, batch["codes"], jax.random.fold_in(rng, 1))
     updates, opt_state = setup.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(metrics, grad_norm=optax.global_norm(grads), blank_captions=jnp.mean(blank.astype(jnp.float32)))
+    # A non-finite loss, gradient or update is skipped: parameters and optimizer state stay as they were.
+    (params, opt_state), nonfinite = finite_updates.keep_if_finite(
+        finite_updates.all_finite(metrics["loss"], grads, updates), (params, opt_state),
+        (state["params"], state["opt_state"]))
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads), blank_captions=jnp.mean(blank.astype(jnp.float32)),
+                   nonfinite=nonfinite)
     return dict(step=step + 1, params=params, opt_state=opt_state), metrics
 
 

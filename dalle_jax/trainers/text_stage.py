@@ -1,6 +1,8 @@
 """The seq2seq run's text tokenizer: the one stored in the work directory, a user's model, or one trained here.
 
-The work directory keeps `tokenizer.model`, so sampling and export tokenize exactly as training did.
+The work directory keeps its tokenizer, so sampling and export tokenize exactly as training did: a sentencepiece
+`tokenizer.model`, or, in a work directory imported from min-dalle, min-dalle's BPE `vocab.json` + `merges.txt`
+(whose ids the imported weights were trained with).
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Iterable
 import jax
 
 from dalle_jax.data import text as text_lib
+from dalle_jax.interop import min_dalle_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -21,15 +24,24 @@ def _same_bytes(a: str, b: str) -> bool:
         return fa.read() == fb.read()
 
 
-def prepare_tokenizer(config, workdir: str, train_captions: Iterable[str]) -> text_lib.TextTokenizer:
-    """Loads `workdir/tokenizer.model`, creating it first from `config.text.tokenizer_model` or by training a
-    sentencepiece model of `config.text.vocab_size` pieces on `train_captions` (read only when training)."""
+def prepare_tokenizer(config, workdir: str, train_captions: Iterable[str]):
+    """The work directory's tokenizer (either kind), creating `workdir/tokenizer.model` first when there is none,
+    from `config.text.tokenizer_model` or by training a sentencepiece model of `config.text.vocab_size` pieces on
+    `train_captions` (read only when training)."""
+    from dalle_jax import seq2seq_load  # imported here, as seq2seq_load imports this module
+
     path = os.path.join(workdir, TOKENIZER_FILE)
     user_model = config.text.tokenizer_model
     if user_model and not os.path.isfile(user_model):
         raise FileNotFoundError(f"config.text.tokenizer_model={user_model!r} does not exist; name a sentencepiece "
                                 ".model file, or leave it empty to train one on the captions.")
-    if os.path.exists(path):
+    if not os.path.exists(path) and min_dalle_tokenizer.has_files(workdir):
+        if user_model:
+            raise ValueError(f"{workdir!r} holds min-dalle's BPE tokenizer ({min_dalle_tokenizer.VOCAB_FILE}, "
+                             f"{min_dalle_tokenizer.MERGES_FILE}), whose ids its weights were trained with; "
+                             f"config.text.tokenizer_model={user_model!r} would change them. Leave it empty, or "
+                             "use a new --workdir.")
+    elif os.path.exists(path):
         if user_model and not _same_bytes(user_model, path):
             raise ValueError(f"{path} differs from config.text.tokenizer_model={user_model!r}; this run was "
                              "started with the stored tokenizer. Use a new --workdir to change tokenizers.")
@@ -47,9 +59,9 @@ def prepare_tokenizer(config, workdir: str, train_captions: Iterable[str]) -> te
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("text tokenizer ready")
-    tokenizer = text_lib.TextTokenizer(path)
+    tokenizer = seq2seq_load.load_tokenizer(workdir)
     if tokenizer.vocab_size > config.model.text_vocab_size:
-        raise ValueError(f"The tokenizer {path} has {tokenizer.vocab_size} pieces, more than "
+        raise ValueError(f"The tokenizer in {workdir} has {tokenizer.vocab_size} pieces, more than "
                          f"config.model.text_vocab_size={config.model.text_vocab_size}; raise "
                          "config.model.text_vocab_size (or config.text.vocab_size) to at least that.")
     return tokenizer

@@ -13,10 +13,10 @@ import ml_collections
 import numpy as np
 
 from dalle_jax import images, parallel
-from dalle_jax.data import pipeline, sources
+from dalle_jax.data import captioned_folder, pipeline, sources
 from dalle_jax.models import quantizer as vq
 from dalle_jax.trainers import vqgan_step
-from dalle_jax.training import checkpointing, loop, metrics as metrics_lib, workdir as workdir_lib
+from dalle_jax.training import checkpointing, init_from, loop, metrics as metrics_lib, workdir as workdir_lib
 from dalle_jax.training.progress import Progress
 
 
@@ -24,9 +24,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     """Runs (or resumes) training in `workdir`; returns the final test-split figures.
 
     `stop_after` ends this invocation once that step is trained and checkpointed (for time-sliced jobs); a later
-    call resumes from there. It returns None then.
+    call resumes from there. It returns None then, and also when SIGTERM or SIGINT stopped it (after checkpointing
+    the current step).
     """
     # 1. Devices and the run's record.
+    begin = init_from.find_start(config, workdir)  # imported weights or config.init_from, checked against config
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_global_batch(config.data.batch_size, mesh)
     parallel.check_global_batch(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
@@ -44,16 +46,21 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     setup, state, shardings = vqgan_step.create(config, mesh)
     checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
                                               save_every=config.checkpoint_every)
-    state, start = checkpointing.restore_or_keep(checkpointer, state, shardings, train_iter)
+    if begin is not None:  # no training checkpoint yet: start from imported weights or config.init_from's
+        state, start = init_from.load_params(begin, state, shardings)
+    else:
+        state, start = checkpointing.restore_or_keep(checkpointer, state, shardings, train_iter,
+                                                     fall_back=config.faults.restore_fallback)
     if start >= cadence.last_step and not cadence.finishes_run:
         return None
     writer = metrics_lib.MetricsWriter(workdir)
     writer.drop_after(start)
+    if start == 0 and (bad_examples := captioned_folder.bad_example_metrics(builder)):
+        writer.write_scalars(0, bad_examples)  # what the dataset skipped or normalised, once per run
 
     # 4. Compiled steps with explicit shardings; the train step donates the old state.
     batch_sh = parallel.batch_sharding(mesh)
-    train_step = jax.jit(functools.partial(vqgan_step.train_step, setup), in_shardings=(shardings, batch_sh),
-                         out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    train_step = jit_train_step(setup, shardings, mesh)
     # Evaluation outputs are gathered (replicated) so every process can read all of them.
     eval_step = jax.jit(functools.partial(vqgan_step.eval_step, setup),
                         in_shardings=(shardings["params"], batch_sh), out_shardings=parallel.replicated(mesh))
@@ -68,24 +75,39 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         return dict(steps_per_s=steps / seconds, images_per_s=steps * config.data.batch_size / seconds)
 
     # 5. The loop: step, log, evaluate, checkpoint.
-    state = loop.run(
+    state, last_trained = loop.run(
         state, start=start, cadence=cadence, train_step=train_step,
         next_batch=lambda: parallel.global_batch(next(train_iter), mesh), evaluate=evaluate_and_write,
         checkpointer=checkpointer, data_iterator=train_iter, writer=writer,
         progress=Progress(config.num_steps, start, "vqgan"), rates=rates,
         shown=dict(loss="loss", psnr="psnr", usage="batch_codebook_usage"))
-    if not cadence.finishes_run:
+    if last_trained < config.num_steps:  # stopped early: by stop_after, or by a stop request (SIGTERM, SIGINT)
         writer.close()
         return None
 
     # 6. Final figures on the test split, judged against each image's scene where the dataset has scenes.
-    final, _ = evaluate(state["params"], "test", -1, judge=True)
+    final_split = "test" if "test" in builder.info.splits else "validation"  # captioned_folder has no test split
+    final, _ = evaluate(state["params"], final_split, -1, judge=True)
     writer.write_scalars(config.num_steps, {f"test/{k}": v for k, v in final.items()})
     writer.close()
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
-            json.dump({"step": config.num_steps, **final}, f, indent=2)
+            json.dump({"step": config.num_steps, "split": final_split, **final}, f, indent=2)
     return final
+
+
+def jit_train_step(setup: vqgan_step.Setup, shardings, mesh):
+    """The train step compiled with explicit shardings, donating the old state (also lowered ahead of time by
+    dalle_jax.aot for a TPU topology)."""
+    return jax.jit(functools.partial(vqgan_step.train_step, setup),
+                   in_shardings=(shardings, parallel.batch_sharding(mesh)),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+
+def batch_shapes(config: ml_collections.ConfigDict) -> dict:
+    """Shape and dtype of each field of a global training batch: uint8 images."""
+    size = config.data.image_size
+    return dict(image=jax.ShapeDtypeStruct((config.data.batch_size, size, size, 3), np.uint8))
 
 
 def _evaluate(setup, eval_step, mesh, builder, transform, params, split: str, num_batches: int, judge: bool = False):

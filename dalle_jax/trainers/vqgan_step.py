@@ -2,7 +2,8 @@
 
 State: {step, params, disc_params, opt_g, opt_d, code_ema}. One train step updates the generator (reconstruction +
 codebook + commitment + adaptive-weight GAN terms) and the discriminator (hinge loss) together, then restarts dead
-codes on schedule. Randomness is `fold_in(seed, step)` (on a branch of its own), so a resumed run draws exactly
+codes on schedule; a step whose losses, gradients or updates are not finite is skipped (metric `nonfinite`).
+Randomness is `fold_in(seed, step)` (on a branch of its own), so a resumed run draws exactly
 what an unbroken one would.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dalle_jax import parallel
 from dalle_jax.models import quantizer as vq
 from dalle_jax.models.discriminator import PatchDiscriminator
 from dalle_jax.models.vqgan import VQGAN
-from dalle_jax.training import gan_losses, optimizers
+from dalle_jax.training import finite_updates, gan_losses, optimizers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +127,7 @@ def train_step(setup: Setup, state, batch):
 
     metrics = dict(loss=loss, **terms, psnr=jnp.mean(gan_losses.psnr(x_rec, x)),
                    grad_norm=optax.global_norm(grads))
+    checked = (loss, grads, updates)
     disc_params, opt_d = state["disc_params"], state["opt_d"]
     if setup.gan_enabled:
         def disc_loss_fn(dp):
@@ -139,6 +141,7 @@ def train_step(setup: Setup, state, batch):
         disc_params = keep(optax.apply_updates(disc_params, d_updates), disc_params)
         opt_d = keep(new_opt_d, opt_d)
         metrics["discriminator"] = d_loss
+        checked += (d_loss, d_grads, d_updates)
 
     K = cfg.model.codebook_size
     restart = cfg.codebook_restart
@@ -159,6 +162,9 @@ def train_step(setup: Setup, state, batch):
 
     new_state = dict(step=step + 1, params=params, disc_params=disc_params, opt_g=opt_g, opt_d=opt_d,
                      code_ema=code_ema)
+    # A non-finite loss, gradient or update (of either network) skips the whole step: only `step` advances.
+    new_state, metrics["nonfinite"] = finite_updates.keep_if_finite(
+        finite_updates.all_finite(*checked), new_state, dict(state, step=step + 1))
     return new_state, metrics
 
 

@@ -1,9 +1,6 @@
 """The seq2seq trainer end to end on the tiny config: stages, learning, metrics, resume, sharding invariance."""
 import json
 import os
-import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +10,8 @@ from dalle_jax import parallel
 from dalle_jax.data import text as text_lib, token_records
 from dalle_jax.training import workdir as workdir_lib
 from dalle_jax.training.metrics import read_metrics
-from tests.conftest import REPO, TINY_SPLITS, subprocess_env
+from tests import multihost_runs
+from tests.conftest import REPO, TINY_SPLITS
 from tests.trainers.test_encode_stage import filled_state, save_checkpoint
 
 
@@ -136,17 +134,33 @@ def test_bad_configs_fail_before_any_work(tmp_path, shapes_data_dir, vqgan_workd
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
 
 
-def test_eight_device_mesh_matches_one_device(full_run, tmp_path, shapes_data_dir, vqgan_workdir, compilation_cache):
-    """The CLI on an 8-device CPU mesh (data=2, fsdp=2, tensor=2) gives the 1-device run's losses."""
-    workdir = str(tmp_path / "mesh8")
-    cmd = [sys.executable, os.path.join(REPO, "train.py"), f"--config={REPO}/configs/shapes_dalle.py:tiny",
-           f"--workdir={workdir}", f"--config.data.data_dir={shapes_data_dir}",
-           f"--config.vqgan_workdir={vqgan_workdir}", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-           "--config.mesh.tensor=2"]
-    subprocess.run(cmd, check=True, cwd=REPO, env=subprocess_env(compilation_cache, devices=8), timeout=600)
-    one, eight = train_losses(full_run[0]), train_losses(workdir)
+def cli_args(data_dir, vqgan_dir):
+    return [f"--config={REPO}/configs/shapes_dalle.py:tiny", f"--config.data.data_dir={data_dir}",
+            f"--config.vqgan_workdir={vqgan_dir}"]
+
+
+@pytest.fixture(scope="module")
+def mesh8_run(tmp_path_factory, shapes_data_dir, vqgan_workdir, compilation_cache):
+    """The CLI as one process on an 8-device CPU mesh (data=2, fsdp=2, tensor=2)."""
+    workdir = str(tmp_path_factory.mktemp("dalle_mesh8"))
+    multihost_runs.train(cli_args(shapes_data_dir, vqgan_workdir), workdir, compilation_cache, processes=1)
+    return workdir
+
+
+def test_eight_device_mesh_matches_one_device(full_run, mesh8_run):
+    """The 8-device mesh gives the 1-device run's losses."""
+    one, eight = train_losses(full_run[0]), train_losses(mesh8_run)
     assert sorted(eight) == sorted(one)
     np.testing.assert_allclose([eight[s] for s in sorted(one)], [one[s] for s in sorted(one)], rtol=2e-4)
-    evals = {m["step"]: m["eval/loss"] for m in read_metrics(workdir) if "eval/loss" in m}
+    evals = {m["step"]: m["eval/loss"] for m in read_metrics(mesh8_run) if "eval/loss" in m}
     reference = {m["step"]: m["eval/loss"] for m in read_metrics(full_run[0]) if "eval/loss" in m}
     np.testing.assert_allclose([evals[s] for s in (6, 12)], [reference[s] for s in (6, 12)], rtol=2e-4)
+
+
+def test_two_processes_match_one_process_of_eight_devices(mesh8_run, tmp_path, shapes_data_dir, vqgan_workdir,
+                                                          compilation_cache):
+    """2 processes x 4 CPU devices joined over 127.0.0.1 (gloo): the same losses, evaluations, checkpoints and
+    final figures as 1 process with 8 devices, metrics written once (by process 0)."""
+    multi = str(tmp_path / "two_processes")
+    multihost_runs.train(cli_args(shapes_data_dir, vqgan_workdir), multi, compilation_cache, processes=2)
+    multihost_runs.assert_same_run(mesh8_run, multi, ["train/loss", "train/token_accuracy", "eval/loss"])

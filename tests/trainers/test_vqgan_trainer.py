@@ -1,15 +1,14 @@
 """The VQGAN trainer end to end on the tiny config: learning, metrics, resume, and sharding invariance."""
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from configs import shapes_vqgan
 from dalle_jax.training.metrics import read_metrics
-from tests.conftest import REPO, TINY_SPLITS, subprocess_env
+from tests import multihost_runs
+from tests.conftest import REPO, TINY_SPLITS
 
 
 def tiny_config(data_dir):
@@ -77,15 +76,28 @@ def test_interrupted_run_resumes_with_identical_losses(full_run, tmp_path, shape
     assert final["psnr"] == full_run[1]["psnr"]
 
 
-def test_eight_device_mesh_matches_one_device(full_run, tmp_path, shapes_data_dir, compilation_cache):
-    workdir = str(tmp_path / "sharded")
-    command = [sys.executable, "train.py", "--config", "configs/shapes_vqgan.py:tiny", "--workdir", workdir,
-               f"--config.data.data_dir={shapes_data_dir}", "--config.mesh.data=2", "--config.mesh.fsdp=2",
-               "--config.mesh.tensor=2"]
-    result = subprocess.run(command, cwd=REPO, env=subprocess_env(compilation_cache, devices=8),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
-    sharded, single = train_losses(workdir), train_losses(full_run[0])
+@pytest.fixture(scope="module")
+def mesh8_run(tmp_path_factory, shapes_data_dir, compilation_cache):
+    """The CLI as one process on an 8-device CPU mesh (data=2, fsdp=2, tensor=2)."""
+    workdir = str(tmp_path_factory.mktemp("vqgan_mesh8"))
+    multihost_runs.train(cli_args(shapes_data_dir), workdir, compilation_cache, processes=1)
+    return workdir
+
+
+def cli_args(data_dir):
+    return [f"--config={REPO}/configs/shapes_vqgan.py:tiny", f"--config.data.data_dir={data_dir}"]
+
+
+def test_eight_device_mesh_matches_one_device(full_run, mesh8_run):
+    sharded, single = train_losses(mesh8_run), train_losses(full_run[0])
     assert sorted(sharded) == sorted(single)
     np.testing.assert_allclose([sharded[s] for s in sorted(single)], [single[s] for s in sorted(single)],
                                rtol=2e-4)
+
+
+def test_two_processes_match_one_process_of_eight_devices(mesh8_run, tmp_path, shapes_data_dir, compilation_cache):
+    """2 processes x 4 CPU devices joined over 127.0.0.1 (gloo): the same losses, evaluations, checkpoints and
+    final figures as 1 process with 8 devices, metrics written once (by process 0)."""
+    multi = str(tmp_path / "two_processes")
+    multihost_runs.train(cli_args(shapes_data_dir), multi, compilation_cache, processes=2)
+    multihost_runs.assert_same_run(mesh8_run, multi, ["train/loss", "train/psnr", "eval/psnr"])

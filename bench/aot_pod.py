@@ -1,0 +1,42 @@
+"""Compiles every pod recipe for its TPU topologies on this machine and prints the AOT figures:
+`.venv-tpu/bin/python bench/aot_pod.py [--only dalle_mega]` (needs `make tpu-venv`; a mega compile for 256 chips
+takes several minutes of CPU).
+
+For each recipe and topology: per-chip memory against HBM, matmul FLOPs, estimated step time and MFU (see
+dalle_jax/aot.py for how each figure is obtained); the final line is one JSON object with every report.
+"""
+import argparse
+import importlib
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dalle_jax import aot  # noqa: E402
+
+RECIPES = (
+    ("dalle_mini", "v5e:4x4"),
+    ("dalle_mega", "v5e:16x16"),
+    ("dalle_mega", "v4:4x4x4"),
+    ("vqgan_f16_16384", "v5e:4x4"),
+)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="Only recipes whose config name contains this.")
+    args = parser.parse_args()
+    reports = []
+    for name, topology in RECIPES:
+        if args.only not in name:
+            continue
+        config = importlib.import_module(f"configs.{name}").get_config("")
+        report = aot.compile_for_topology(config, topology)
+        print(f"configs/{name}.py: {report.text()}", flush=True)
+        reports.append(dict(config=f"configs/{name}.py", **report.as_dict()))
+    print(json.dumps({"reports": reports}))
+
+
+if __name__ == "__main__":
+    main()
