@@ -16,7 +16,7 @@ $(STAMP): setup.py
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # The whole pipeline on captioned_shapes: data, VQGAN, tokenizer + DalleBart, samples, judged report (runs/demo).
 demo: install
