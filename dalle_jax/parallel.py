@@ -134,6 +134,13 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
+def jit_sharded_step(step_fn: Callable, state_shardings, mesh: Mesh):
+    """`step_fn(state, batch) -> (state, metrics)` compiled with explicit shardings: state as `state_shardings`
+    (donated, updated in place), batch split over the batch axes, metrics replicated."""
+    return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+
+
 def init_sharded(init_fn: Callable[[], Any], shardings) -> Any:
     """Runs `init_fn` under jit so every array is created directly in its final sharding."""
     return jax.jit(init_fn, out_shardings=shardings)()

@@ -17,24 +17,12 @@ from dalle_jax.pipeline import TextToImage
 from dalle_jax.sampling import SamplingSettings
 from dalle_jax.trainers import encode_stage, seq2seq_step, text_stage, vqgan_load
 from dalle_jax.training import checkpointing, workdir as workdir_lib
-from tests.trainers.test_encode_stage import filled_state, save_checkpoint
+from tests.trainers.test_encode_stage import filled, filled_state, save_checkpoint
 
 STEPS = (4, 12)  # checkpoints of the tiny run, holding different parameters
 PROMPTS = ["a small red circle in the top left", "a green triangle above a purple circle"]
 SETTINGS = dict(temperature=1.2, top_k=16, top_p=0.95, cond_scale=3.0)
 _BUILT = {}
-
-
-def _filled(abstract, shardings, rng):
-    """Arrays of the abstract tree's shapes from a seeded generator, placed in `shardings`."""
-    def fill(leaf, sharding):
-        if np.issubdtype(leaf.dtype, np.floating):
-            fan_in = int(np.prod(leaf.shape[:-1])) or 1
-            value = rng.normal(scale=fan_in ** -0.5, size=leaf.shape).astype(leaf.dtype)
-        else:
-            value = np.zeros(leaf.shape, leaf.dtype)
-        return jax.device_put(value, sharding)
-    return jax.tree.map(fill, abstract, shardings)
 
 
 def build_workdir(root: str, data_dir: str) -> dict:
@@ -72,7 +60,7 @@ def build_workdir(root: str, data_dir: str) -> dict:
     checkpointer = checkpointing.Checkpointer(workdir, keep=5, save_every=1)
     params = {}
     for step in STEPS:
-        state = _filled(abstract, shardings, np.random.default_rng(step))
+        state = filled(abstract, shardings, np.random.default_rng(step))
         checkpointer.save(step, state, iterator, force=True)
         params[step] = jax.device_get(state["params"])
     checkpointer.close()

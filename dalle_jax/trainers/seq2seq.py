@@ -118,9 +118,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
 def jit_train_step(setup: seq2seq_step.Setup, shardings, mesh):
     """The train step compiled with explicit shardings, donating the old state (also lowered ahead of time by
     dalle_jax.aot for a TPU topology)."""
-    return jax.jit(functools.partial(seq2seq_step.train_step, setup),
-                   in_shardings=(shardings, parallel.batch_sharding(mesh)),
-                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+    return parallel.jit_sharded_step(functools.partial(seq2seq_step.train_step, setup), shardings, mesh)
 
 
 def batch_shapes(config: ml_collections.ConfigDict) -> dict:

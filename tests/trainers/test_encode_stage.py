@@ -36,8 +36,11 @@ def filled_state(config, mesh, seed):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(parallel, "init_sharded", lambda init_fn, shardings: jax.eval_shape(init_fn))
         _, abstract, shardings = vqgan_step.create(config, mesh)
-    rng = np.random.default_rng(seed)
+    return filled(abstract, shardings, np.random.default_rng(seed))
 
+
+def filled(abstract, shardings, rng):
+    """Arrays of the abstract tree's shapes from a seeded generator, placed in `shardings`."""
     def fill(leaf, sharding):
         if np.issubdtype(leaf.dtype, np.floating):
             fan_in = int(np.prod(leaf.shape[:-1])) or 1
