@@ -46,6 +46,8 @@ def base_config(image_size: int) -> ml_collections.ConfigDict:
     config.model.beta = 0.25  # Commitment weight, applied to the encoder's term.
     config.model.l2_normalize_codes = False  # Compare l2-normalised codes (cosine) instead of raw vectors.
     config.model.num_groups = 32  # GroupNorm groups; must divide every channel count.
+    # True: each code is encoded from its own patch alone (easy for the seq2seq model to predict; no taming export).
+    config.model.local_encoder = False
     config.model.dropout = 0.0  # Dropout in residual blocks.
     config.model.dtype = "float32"  # Compute dtype ("float32" or "bfloat16"); parameters stay float32.
 

@@ -24,6 +24,7 @@ _MID = {"block_1": "resnets.0", "attn_1": "attentions.0", "block_2": "resnets.1"
 
 
 def check_exportable(model_cfg: ml_collections.ConfigDict) -> None:
+    taming_format.check_standard_encoder(model_cfg, fmt="diffusers")
     if model_cfg.ch_mult[0] != 1:
         raise ValueError(f"ch_mult={tuple(model_cfg.ch_mult)}: diffusers' VQModel feeds conv_in's channels straight "
                          "into the first level, so the first multiplier must be 1.")

@@ -47,7 +47,15 @@ def from_torch_array(name: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
+def check_standard_encoder(model_cfg: ml_collections.ConfigDict, fmt: str) -> None:
+    if model_cfg.get("local_encoder", False):
+        raise ValueError(f"The VQGAN was trained with local_encoder=True (each patch encoded on its own); "
+                         f"{fmt}'s encoder has GroupNorm and attention, so it cannot hold these weights. Export it "
+                         "to safetensors, or to min-dalle, whose detokenizer is the decoder alone.")
+
+
 def check_exportable(model_cfg: ml_collections.ConfigDict, fmt: str = "taming") -> None:
+    check_standard_encoder(model_cfg, fmt)
     if model_cfg.num_groups != TAMING_NUM_GROUPS:
         raise ValueError(f"The VQGAN has num_groups={model_cfg.num_groups}, but {fmt}'s modules use GroupNorm with "
                          f"{TAMING_NUM_GROUPS} groups; only a model trained with num_groups={TAMING_NUM_GROUPS} "

@@ -69,6 +69,22 @@ def group_norm(num_features: int, num_groups: int, *, rngs: nnx.Rngs, dtype=jnp.
         rngs=rngs)
 
 
+def pixel_norm(num_features: int, *, rngs: nnx.Rngs, dtype=jnp.float32) -> nnx.LayerNorm:
+    """Normalises each position over its channels alone: unlike GroupNorm, no statistic crosses positions."""
+    return nnx.LayerNorm(
+        num_features, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, use_fast_variance=False,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), NORM_AXES),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), NORM_AXES),
+        rngs=rngs)
+
+
+def norm_layer(num_features: int, num_groups: int | None, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    """GroupNorm with `num_groups` groups, or `pixel_norm` when `num_groups` is None."""
+    if num_groups is None:
+        return pixel_norm(num_features, rngs=rngs, dtype=dtype)
+    return group_norm(num_features, num_groups, rngs=rngs, dtype=dtype)
+
+
 def as_dropout_rngs(rngs: nnx.Rngs | jax.Array | None) -> nnx.Rngs | None:
     """Accepts a PRNG key for dropout and wraps it so that each dropout layer draws its own key from it."""
     if rngs is None or isinstance(rngs, nnx.Rngs):
@@ -77,13 +93,14 @@ def as_dropout_rngs(rngs: nnx.Rngs | jax.Array | None) -> nnx.Rngs | None:
 
 
 class ResnetBlock(nnx.Module):
-    """GroupNorm-swish-conv twice with a residual; a 1x1 `nin_shortcut` when the channel count changes."""
+    """Norm-swish-conv twice with a residual; a 1x1 `nin_shortcut` when the channel count changes.
+    The norms are GroupNorm, or per-position `pixel_norm` with num_groups=None."""
 
-    def __init__(self, in_channels: int, out_channels: int, *, num_groups: int, dropout: float, dtype,
+    def __init__(self, in_channels: int, out_channels: int, *, num_groups: int | None, dropout: float, dtype,
                  rngs: nnx.Rngs):
-        self.norm1 = group_norm(in_channels, num_groups, dtype=dtype, rngs=rngs)
+        self.norm1 = norm_layer(in_channels, num_groups, dtype=dtype, rngs=rngs)
         self.conv1 = conv(in_channels, out_channels, 3, padding=PAD_1, dtype=dtype, rngs=rngs)
-        self.norm2 = group_norm(out_channels, num_groups, dtype=dtype, rngs=rngs)
+        self.norm2 = norm_layer(out_channels, num_groups, dtype=dtype, rngs=rngs)
         # No RNG stream is stored: dropout keys come from the caller, so the module state is parameters only.
         self.dropout = nnx.Dropout(dropout)
         self.conv2 = conv(out_channels, out_channels, 3, padding=PAD_1, dtype=dtype, rngs=rngs)
@@ -102,8 +119,8 @@ class ResnetBlock(nnx.Module):
 class AttnBlock(nnx.Module):
     """Single-head self-attention over all positions of a feature map, q/k/v/proj_out as 1x1 convs."""
 
-    def __init__(self, channels: int, *, num_groups: int, dtype, rngs: nnx.Rngs):
-        self.norm = group_norm(channels, num_groups, dtype=dtype, rngs=rngs)
+    def __init__(self, channels: int, *, num_groups: int | None, dtype, rngs: nnx.Rngs):
+        self.norm = norm_layer(channels, num_groups, dtype=dtype, rngs=rngs)
         self.q = conv(channels, channels, 1, padding="VALID", dtype=dtype, rngs=rngs)
         self.k = conv(channels, channels, 1, padding="VALID", dtype=dtype, rngs=rngs)
         self.v = conv(channels, channels, 1, padding="VALID", dtype=dtype, rngs=rngs)

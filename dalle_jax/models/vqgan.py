@@ -11,12 +11,15 @@ import ml_collections
 from flax import nnx
 
 from dalle_jax.models.conv_layers import (PAD_1, AttnBlock, Downsample, ResnetBlock, Upsample,
-                                          as_dropout_rngs, check_num_groups, compute_dtype, conv, group_norm)
+                                          as_dropout_rngs, check_num_groups, compute_dtype, conv, group_norm,
+                                          norm_layer)
 from dalle_jax.models.quantizer import VectorQuantizer
 
 CONFIG_FIELDS = ("resolution", "in_channels", "out_channels", "ch", "ch_mult", "num_res_blocks",
                  "attn_resolutions", "z_channels", "embed_dim", "codebook_size", "beta", "l2_normalize_codes",
                  "num_groups", "dropout", "dtype")
+# Fields that configs written before they existed may lack, with the value those configs meant.
+OPTIONAL_FIELDS = {"local_encoder": False}
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
@@ -42,6 +45,15 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
         raise ValueError(f"dropout={cfg.dropout} must be in [0, 1).")
     check_num_groups(cfg.num_groups, [cfg.ch] + [cfg.ch * m for m in cfg.ch_mult], field="num_groups")
     compute_dtype(cfg.dtype, field="dtype")
+
+
+def local_encoder(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the encoder is local: it encodes each f x f patch (f = the downsampling factor) on its own, with
+    per-position norms and no attention, so a code is a function of its patch's pixels alone. Such codes follow the
+    picture's content, which makes them far easier for the seq2seq model to predict; with taming's encoder
+    (whole-image convolutions, GroupNorm, mid-block attention) an object anywhere can change every code. The
+    decoder is the same in both and sees the whole grid."""
+    return bool(cfg.get("local_encoder", OPTIONAL_FIELDS["local_encoder"]))
 
 
 class _Level(nnx.Module):
@@ -72,24 +84,30 @@ class _UpLevel(_Level):
 
 
 class _Mid(nnx.Module):
-    def __init__(self, channels: int, *, num_groups: int, dropout: float, dtype, rngs: nnx.Rngs):
+    """Residual block, attention (none in a local encoder: num_groups=None), residual block."""
+
+    def __init__(self, channels: int, *, num_groups: int | None, dropout: float, dtype, rngs: nnx.Rngs):
         self.block_1 = ResnetBlock(channels, channels, num_groups=num_groups, dropout=dropout, dtype=dtype,
                                    rngs=rngs)
-        self.attn_1 = AttnBlock(channels, num_groups=num_groups, dtype=dtype, rngs=rngs)
+        self.attn_1 = (AttnBlock(channels, num_groups=num_groups, dtype=dtype, rngs=rngs)
+                       if num_groups is not None else None)
         self.block_2 = ResnetBlock(channels, channels, num_groups=num_groups, dropout=dropout, dtype=dtype,
                                    rngs=rngs)
 
     def __call__(self, h, *, deterministic: bool, rngs):
         h = self.block_1(h, deterministic=deterministic, rngs=rngs)
-        h = self.attn_1(h)
+        if self.attn_1 is not None:
+            h = self.attn_1(h)
         return self.block_2(h, deterministic=deterministic, rngs=rngs)
 
 
 class Encoder(nnx.Module):
-    """Images (B, H, W, in_channels) -> features (B, H/f, W/f, z_channels)."""
+    """Images (B, H, W, in_channels) -> features (B, H/f, W/f, z_channels); see `local_encoder`."""
 
     def __init__(self, cfg, *, dtype, rngs: nnx.Rngs):
-        kw = dict(num_groups=cfg.num_groups, dtype=dtype, rngs=rngs)
+        self.patch = 2 ** (len(cfg.ch_mult) - 1) if local_encoder(cfg) else None
+        num_groups = None if self.patch else cfg.num_groups
+        kw = dict(num_groups=num_groups, dtype=dtype, rngs=rngs)
         self.conv_in = conv(cfg.in_channels, cfg.ch, 3, padding=PAD_1, dtype=dtype, rngs=rngs)
         levels, side, block_in = [], cfg.resolution, cfg.ch
         for i, mult in enumerate(cfg.ch_mult):
@@ -105,17 +123,22 @@ class Encoder(nnx.Module):
             side = side if last else side // 2
         self.down = nnx.List(levels)
         self.mid = _Mid(block_in, dropout=cfg.dropout, **kw)
-        self.norm_out = group_norm(block_in, cfg.num_groups, dtype=dtype, rngs=rngs)
+        self.norm_out = norm_layer(block_in, num_groups, dtype=dtype, rngs=rngs)
         self.conv_out = conv(block_in, cfg.z_channels, 3, padding=PAD_1, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, *, deterministic: bool = True, rngs=None):
+        if self.patch:
+            b, height, width, c = x.shape
+            f, gh, gw = self.patch, height // self.patch, width // self.patch
+            x = x.reshape(b, gh, f, gw, f, c).transpose(0, 1, 3, 2, 4, 5).reshape(b * gh * gw, f, f, c)
         h = self.conv_in(x)
         for level in self.down:
             h = level(h, deterministic=deterministic, rngs=rngs)
             if level.downsample is not None:
                 h = level.downsample(h)
         h = self.mid(h, deterministic=deterministic, rngs=rngs)
-        return self.conv_out(nnx.swish(self.norm_out(h)))
+        h = self.conv_out(nnx.swish(self.norm_out(h)))
+        return h.reshape(b, gh, gw, h.shape[-1]) if self.patch else h
 
 
 class Decoder(nnx.Module):
