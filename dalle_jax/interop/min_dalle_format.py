@@ -61,6 +61,9 @@ def export_state_dicts(params, model_cfg: ml_collections.ConfigDict) -> tuple[di
     """DalleBart parameters (pure dict) -> (encoder, decoder) state dicts of numpy f32 arrays."""
     check_exportable(model_cfg)
     flat = names.flatten(params)
+    if "decoder.embed_rows.embedding" in flat:  # rows_cols positions: min-dalle holds their sums, one per position
+        rows, cols = (np.asarray(flat.pop(f"decoder.embed_{axis}.embedding"), np.float32) for axis in ("rows", "cols"))
+        flat["decoder.embed_positions.embedding"] = (rows[:, None] + cols[None, :]).reshape(-1, rows.shape[1])
     encoder = {_torch_name(k): _to_torch(k, v) for k, v in flat.items() if k.startswith("encoder.")}
     decoder = {_torch_name(k): _to_torch(k, v) for k, v in flat.items() if k.startswith("decoder.")}
     head_rows = decoder["lm_head.weight"].shape[0]

@@ -110,7 +110,7 @@ def decode_step(model: DalleBart, token_ids: jax.Array, position: jax.Array, cac
                          f"encode the same batch of prompts as the cache was made for.")
     decoder = model.decoder
     position = jnp.asarray(position, jnp.int32)
-    x = decoder.embed_tokens(token_ids[:, None]) + decoder.embed_positions(position)[None, None]
+    x = decoder.embed_tokens(token_ids[:, None]) + decoder.position_embeddings(position)[None, None]
     x = constrain(decoder.layernorm_embedding(x), tl.EMBED_ACTIVATION)
     self_mask = (jnp.arange(model.image_length) <= position)[None, None, None, :]
 

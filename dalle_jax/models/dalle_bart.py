@@ -22,6 +22,9 @@ CONFIG_FIELDS = (
     "decoder_layers", "heads", "ffn_dim", "ffn", "dropout", "dtype", "param_dtype", "scan_layers", "remat",
     "vocab_multiple",
 )
+# Fields that configs written before they existed may lack, with the value those configs meant.
+OPTIONAL_FIELDS = {"image_positions": "flat"}
+IMAGE_POSITIONS = ("flat", "rows_cols")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -40,7 +43,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     missing = [f for f in CONFIG_FIELDS if f not in cfg]
     if missing:
         raise ValueError(f"DalleBart config lacks field(s) {missing}; it needs exactly {list(CONFIG_FIELDS)}.")
-    extra = [f for f in cfg.keys() if f not in CONFIG_FIELDS]
+    extra = [f for f in cfg.keys() if f not in CONFIG_FIELDS and f not in OPTIONAL_FIELDS]
     if extra:
         raise ValueError(f"DalleBart config has unknown field(s) {extra}; the fields are {list(CONFIG_FIELDS)}.")
     for field in ("text_vocab_size", "text_length", "image_vocab_size", "image_length", "d_model",
@@ -61,6 +64,20 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{field}={cfg[field]!r} is unknown; use one of {tuple(DTYPES)}.")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"config.dropout={cfg.dropout} must be in [0, 1).")
+    positions = image_positions(cfg)
+    if positions not in IMAGE_POSITIONS:
+        raise ValueError(f"config.image_positions={positions!r} is unknown; use one of {IMAGE_POSITIONS}.")
+    side = int(round(cfg.image_length ** 0.5))
+    if positions == "rows_cols" and side * side != cfg.image_length:
+        raise ValueError(f"config.image_positions='rows_cols' needs a square image grid, but "
+                         f"config.image_length={cfg.image_length} is not a square; use 'flat'.")
+
+
+def image_positions(cfg: ml_collections.ConfigDict) -> str:
+    """How the decoder embeds image positions: "flat" (DALL·E mini's one learned vector per position) or
+    "rows_cols" (a learned vector per grid row plus one per column, summed): with the second, what the model
+    learns about a row or a column holds along all of it, so placement words are learned from far fewer examples."""
+    return str(cfg.get("image_positions", OPTIONAL_FIELDS["image_positions"]))
 
 
 def _check_ids(name: str, ids: jax.Array, max_length: int, field: str) -> None:
@@ -112,7 +129,12 @@ class Decoder(nnx.Module):
         self.image_vocab_size = int(cfg.image_vocab_size)
         self.padded_vocab_size = padded_image_vocab_size(cfg.image_vocab_size, cfg.vocab_multiple)
         self.embed_tokens = _embedding(cfg.image_vocab_size + 1, cfg.d_model, ("vocab", "embed"), **kw)
-        self.embed_positions = _embedding(cfg.image_length, cfg.d_model, ("length", "embed"), **kw)
+        if image_positions(cfg) == "rows_cols":
+            self.grid_side = int(round(cfg.image_length ** 0.5))
+            self.embed_rows = _embedding(self.grid_side, cfg.d_model, ("length", "embed"), **kw)
+            self.embed_cols = _embedding(self.grid_side, cfg.d_model, ("length", "embed"), **kw)
+        else:
+            self.embed_positions = _embedding(cfg.image_length, cfg.d_model, ("length", "embed"), **kw)
         self.layernorm_embedding = tl.layer_norm(cfg.d_model, **kw)
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs)
         self.layers = tl.create_layer_stack(
@@ -122,10 +144,16 @@ class Decoder(nnx.Module):
         self.final_ln = tl.layer_norm(cfg.d_model, **kw)
         self.lm_head = tl.dense(cfg.d_model, self.padded_vocab_size, ("embed", "vocab"), **kw)
 
+    def position_embeddings(self, positions: jax.Array) -> jax.Array:
+        """Row-major image positions (any shape) -> their embeddings (positions.shape + (d_model,))."""
+        if hasattr(self, "embed_rows"):
+            return self.embed_rows(positions // self.grid_side) + self.embed_cols(positions % self.grid_side)
+        return self.embed_positions(positions)
+
     def __call__(self, image_input_ids: jax.Array, encoder_states: jax.Array, text_ids: jax.Array, *,
                  deterministic: bool) -> jax.Array:
         length = image_input_ids.shape[1]
-        x = self.embed_tokens(image_input_ids) + self.embed_positions(jnp.arange(length))[None]
+        x = self.embed_tokens(image_input_ids) + self.position_embeddings(jnp.arange(length))[None]
         x = constrain(self.dropout(self.layernorm_embedding(x), deterministic=deterministic), tl.EMBED_ACTIVATION)
         x = tl.apply_layer_stack(
             self.layers, x, encoder_states, tl.causal_mask(length), tl.key_padding_mask(text_ids, TEXT_PAD_ID),
