@@ -4,17 +4,18 @@ Variants: `configs/shapes_vqgan.py` (default) and `configs/shapes_vqgan.py:tiny`
 """
 import ml_collections
 
-from configs import vqgan_common
+from configs import common, vqgan_common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = vqgan_common.base_config(image_size=32)
     config.seed = 0  # Seeds parameters, data order and every random draw of the run.
-    config.num_steps = 1800  # Optimizer steps in total.
+    config.num_steps = 1500  # Optimizer steps in total.
     config.log_every = 50  # Steps between training-metric lines.
-    config.eval_every = 900  # Steps between evaluations on `validation` (and at the last step).
-    config.checkpoint_every = 500  # Steps between checkpoints (and at the last step).
+    config.eval_every = 750  # Steps between evaluations on `validation` (and at the last step).
+    config.checkpoint_every = 750  # Steps between checkpoints (and at the last step).
 
+    config.data.shapes_split_sizes = dict(common.CPU_SHAPES_SPLIT_SIZES)
     config.data.batch_size = 8  # Global batch: small batches, many updates, is what converges fastest on a CPU.
     config.data.eval_batch_size = 80  # Evaluation batch; divides the 2,000-image validation and test splits.
     config.data.eval_batches = 2  # Validation batches per periodic evaluation (-1: the whole split).
