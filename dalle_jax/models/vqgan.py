@@ -49,7 +49,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
 
 def local_encoder(cfg: ml_collections.ConfigDict) -> bool:
     """Whether the encoder is local: it encodes each f x f patch (f = the downsampling factor) on its own, with
-    per-position norms and no attention, so a code is a function of its patch's pixels alone. Such codes follow the
+    per-position norms and no mid-block attention (attention at `attn_resolutions` stays inside the patch), so a
+    code is a function of its patch's pixels alone. Such codes follow the
     picture's content, which makes them far easier for the seq2seq model to predict; with taming's encoder
     (whole-image convolutions, GroupNorm, mid-block attention) an object anywhere can change every code. The
     decoder is the same in both and sees the whole grid."""
