@@ -30,7 +30,8 @@ DETOKER_PARTS = ("quantize.", "post_quant_conv.", "decoder.")
 # The detokenizer's sizes are fixed in min-dalle's code: DALL·E mini's VQGAN (f16, 16384 codes of 256 dims).
 DETOKER_VQGAN = dict(resolution=256, in_channels=3, out_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4),
                      num_res_blocks=2, attn_resolutions=(16,), z_channels=256, embed_dim=256, codebook_size=16384,
-                     beta=0.25, l2_normalize_codes=False, num_groups=32, dropout=0.0, dtype="float32")
+                     beta=0.25, l2_normalize_codes=False, num_groups=32, dropout=0.0, dtype="float32",
+                     local_encoder=False)
 
 
 # ---- DalleBart ---------------------------------------------------------------------------------------------------

@@ -114,4 +114,4 @@ def infer_config(state: Mapping[str, np.ndarray], *, resolution: int, path: str)
         num_res_blocks=int(num_res_blocks), attn_resolutions=attn_resolutions,
         z_channels=int(shape("encoder.conv_out.weight")[0]), embed_dim=int(embed_dim),
         codebook_size=int(codebook_size), beta=0.25, l2_normalize_codes=False, num_groups=TAMING_NUM_GROUPS,
-        dropout=0.0, dtype="float32"))
+        dropout=0.0, dtype="float32", local_encoder=False))

@@ -86,7 +86,7 @@ def tiny_vqgan_config(**overrides) -> ml_collections.ConfigDict:
     """Small enough for a fast test, with taming's 32 GroupNorm groups, attention and a channel change."""
     cfg = dict(resolution=16, in_channels=3, out_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                attn_resolutions=(8,), z_channels=8, embed_dim=8, codebook_size=64, beta=0.25,
-               l2_normalize_codes=False, num_groups=32, dropout=0.0, dtype="float32")
+               l2_normalize_codes=False, num_groups=32, dropout=0.0, dtype="float32", local_encoder=False)
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
 
