@@ -1,21 +1,42 @@
-"""Shared fixtures: a tiny captioned_shapes dataset prepared once per session, and a compilation cache."""
+"""Shared fixtures: a tiny captioned_shapes dataset prepared once per session, a compilation cache shared by every
+process of the session, and the environment of the subprocesses tests start."""
 import os
 
-import jax
-import pytest
+# XLA's CPU backend at LLVM optimisation level 0: the programs (HLO after all of XLA's own passes) are the same, only
+# LLVM's machine-code optimisation is skipped. The tiny test programs then compile 2-4x faster (a VQGAN init: 34 s ->
+# 9 s), and run a few steps each, so the suite spends its time compiling far less. Set before jax creates its CPU
+# backend; one explicit device, so the cache keys of this process and of 1-device subprocesses (below) agree.
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=1").strip()
+os.environ["XLA_FLAGS"] += " " + TEST_XLA_FLAGS
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SPLITS = dict(train=64, validation=16, test=16, test_compositional=16)
+# Entries are written and read under a file lock (which needs a size limit), so concurrent processes never read half
+# a file. Only programs that took over half a second are kept: reading the many small ones back costs about what
+# compiling them does, and each write scans the whole cache directory.
+CACHE_SETTINGS = dict(jax_persistent_cache_min_compile_time_secs=0.5, jax_persistent_cache_min_entry_size_bytes=0,
+                      jax_compilation_cache_max_size=1 << 40)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """One persistent XLA cache for the session, shared with subprocesses, so repeated runs compile once."""
-    path = str(tmp_path_factory.mktemp("xla_cache"))
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    return path
+    """One persistent XLA cache for the session, shared by both xdist workers and the subprocesses of either, so a
+    program compiled anywhere in the session is compiled once. (The key covers the program, devices, jax version
+    and XLA flags, so a hit is the same executable.)"""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's directory, above each worker's own
+    path = root / "xla_cache"
+    path.mkdir(exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    for name, value in CACHE_SETTINGS.items():
+        jax.config.update(name, value)
+    return str(path)
 
 
 @pytest.fixture(scope="session")
@@ -33,10 +54,68 @@ def shapes_data_dir(tmp_path_factory):
 
 def subprocess_env(compilation_cache: str, devices: int = 1) -> dict:
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}"
     env["JAX_COMPILATION_CACHE_DIR"] = compilation_cache
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    for name, value in CACHE_SETTINGS.items():
+        env[name.upper()] = str(value)
     env["JAX_PLATFORMS"] = "cpu"
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     return env
+
+
+
+# Scheduling under `pytest -n 2 --dist loadfile` (`make test`). A unit of work is a file, so its module fixtures are
+# built once in one worker, except where UNITS says otherwise: the trainers' multi-device runs go apart from their
+# single-device runs (different fixtures), the two fault files that share the session's reference run go together,
+# and the independent long runs of test_nonfinite go alone. Units are handed out longest first (COST: seconds on an
+# idle 2-core machine, rounded; only the order matters), so no worker is left alone with a long one at the end.
+UNITS = {
+    "trainers/test_vqgan_trainer.py::test_eight_device_mesh_matches_one_device": "vqgan_trainer_meshes",
+    "trainers/test_vqgan_trainer.py::test_two_processes_match_one_process_of_eight_devices": "vqgan_trainer_meshes",
+    "trainers/test_seq2seq_trainer.py::test_eight_device_mesh_matches_one_device": "seq2seq_trainer_meshes",
+    "trainers/test_seq2seq_trainer.py::test_two_processes_match_one_process_of_eight_devices": "seq2seq_trainer_meshes",
+    "faults/test_nonfinite.py::test_a_step_with_nan_pixels_is_skipped_and_the_next_one_applies": "nonfinite_pixels",
+    "faults/test_nonfinite.py::test_too_many_skips_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint":
+        "nonfinite_stop",
+    "faults/test_preemption.py": "faults_resume",
+    "faults/test_corrupt_checkpoints.py": "faults_resume",
+}
+COST = {
+    "vqgan_trainer_meshes": 210, "seq2seq_trainer_meshes": 180, "faults_resume": 180,
+    "faults/test_reshard_and_configs.py": 130, "trainers/test_vqgan_trainer.py": 60,
+    "trainers/test_seq2seq_trainer.py": 50, "nonfinite_stop": 49, "faults/test_bad_training_data.py": 49,
+    "test_sharded_gradients.py": 49, "interop/test_finetune_imported.py": 44, "test_aot.py": 36,
+    "eval/test_evaluate_samples.py": 33, "test_sharding_strategies.py": 31, "trainers/test_encode_stage.py": 29,
+    "trainers/test_seq2seq_step.py": 26, "test_sample_cli.py": 25, "nonfinite_pixels": 24,
+    "models/test_dalle_bart.py": 22, "interop/test_cli.py": 21,
+}
+
+
+def unit_of(nodeid: str) -> str:
+    """The unit of work of a test id such as `tests/faults/test_nonfinite.py::test_x[param]`."""
+    path, _, name = nodeid.partition("::")
+    path = os.path.relpath(os.path.join(os.getcwd(), path), os.path.join(REPO, "tests"))
+    return UNITS.get(f"{path}::{name.split('[')[0]}", UNITS.get(path, path))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile` over the units above, in the collection's order (set below) rather than xdist's."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class UnitScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return unit_of(nodeid)
+
+    config.option.loadscopereorder = False  # xdist would order units by their number of tests
+    return UnitScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist: the units in order of COST, longest first, each unit's tests together and in file order."""
+    if not hasattr(config, "workerinput"):
+        return
+    order = {item.nodeid: (-COST.get(unit_of(item.nodeid), 0), i) for i, item in enumerate(items)}
+    items.sort(key=lambda item: order[item.nodeid])
