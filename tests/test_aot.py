@@ -12,7 +12,7 @@ import pytest
 
 from configs import shapes_dalle
 from dalle_jax import aot
-from tests.conftest import REPO, TEST_XLA_FLAGS, subprocess_env
+from tests.conftest import REPO, subprocess_env
 
 TPU_PYTHON = os.path.join(REPO, ".venv-tpu", "bin", "python")
 needs_libtpu = pytest.mark.skipif(not os.path.exists(TPU_PYTHON),
@@ -76,7 +76,6 @@ def _aot_cli(cache, *overrides):
                *overrides]
     env = subprocess_env(cache)
     del env["JAX_PLATFORMS"]
-    env["XLA_FLAGS"] = env["XLA_FLAGS"].replace(TEST_XLA_FLAGS, "")  # CPU-only speed-ups; TPU compiles as shipped
     return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
