@@ -146,6 +146,13 @@ def next_token_logits(model, tokens: jax.Array, position: jax.Array, cache: cach
     return guide(pairs[:, 0], pairs[:, 1], cond_scale), cache
 
 
+def _row_products_pay(rows: int, mesh: Mesh | None) -> bool:
+    """Whether the decoding steps should use `cached_decoding.use_row_products`: on CPU devices, for few rows each."""
+    devices = jax.devices() if mesh is None else list(mesh.devices.flat)
+    per_device = rows if mesh is None else rows // parallel.batch_parallelism(mesh)
+    return devices[0].platform == "cpu" and per_device <= cached_decoding.ROW_PRODUCT_MAX_ROWS
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "guided", "mesh", "rules"))
 def _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, knobs: dict, *, guided: bool,
             mesh: Mesh | None, rules) -> jax.Array:
@@ -156,11 +163,14 @@ def _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, knobs: d
         cross_kv, cross_mask = cached_decoding.encode_prompt(model, parallel.constrain(prompts, TEXT_ACTIVATION))
         cache = cached_decoding.init_cache(model, prompts.shape[0], cross_kv.keys.dtype)
         keys = image_keys(seeds, indices)
+        if _row_products_pay(prompts.shape[0], mesh):
+            cached_decoding.use_row_products(model)
+        step_graphdef, step_state = nnx.split(model)
 
         def step(carry, position):
             tokens, cache = carry
             # The loop body is its own trace: it needs Variables of its own, not the ones merged outside it.
-            step_model = nnx.merge(graphdef, state, copy=True)
+            step_model = nnx.merge(step_graphdef, step_state, copy=True)
             logits, cache = next_token_logits(step_model, tokens, position, cache, cross_kv, cross_mask,
                                               guided=guided, cond_scale=knobs["cond_scale"])
             logits = filter_logits(logits, model.image_vocab_size, knobs["temperature"], knobs["truncation"])

@@ -4,11 +4,14 @@ Per prompt, `encode_prompt` runs the encoder once and projects every decoder lay
 values from it. Per step, `decode_step` embeds one token, writes that token's self-attention keys/values into
 a preallocated cache at its position, and attends to positions <= the current one.
 
-Caches and cross-attention keys/values have a leading layer axis whatever the stack's kind, and the cache is a
+Caches and cross-attention keys/values have a leading layer axis whatever the stack's kind and are stored heads
+first, (layers, B, heads, length, head_dim), the layout attention's products read without a transpose; the cache is a
 loop carry: each step writes one position of one layer in place (`dynamic_update_slice`) instead of producing
 a fresh copy of a layer's cache, as scanning the cache as a per-layer input/output would. A scanned stack is
 walked with `nnx.scan` over its stacked parameters together with the stacked cross keys/values and the layer
 index; an unrolled stack (`nnx.List`) with a Python loop over the same per-layer function.
+
+On the CPU, `use_row_products` can switch a decoding step's projections to transposed kernels (see there).
 
 The per-layer step mirrors `transformer_layers.DecoderLayer.__call__` (inference: no dropout); the tests hold
 the two equal by checking step-by-step logits against the teacher-forced `DalleBart.decode`.
@@ -26,17 +29,22 @@ from dalle_jax.models.dalle_bart import MASKED_LOGIT, TEXT_PAD_ID, DalleBart
 from dalle_jax.parallel import constrain
 
 _STACK_METADATA = {nnx.PARTITION_NAME: tl.LAYERS_AXIS}
-KV_ACTIVATION = (tl.LAYERS_AXIS, "batch", "length", "heads", None)
+KV_ACTIVATION = (tl.LAYERS_AXIS, "batch", "heads", "length", None)
 
 
 class KeyValues(NamedTuple):
-    """Attention keys and values of every decoder layer, each (layers, B, length, heads, head_dim)."""
+    """Attention keys and values of every decoder layer, each (layers, B, heads, length, head_dim)."""
     keys: jax.Array
     values: jax.Array
 
 
 def _sharded(keys: jax.Array, values: jax.Array) -> KeyValues:
     return KeyValues(constrain(keys, KV_ACTIVATION), constrain(values, KV_ACTIVATION))
+
+
+def _heads_first(x: jax.Array) -> jax.Array:
+    """(..., length, heads, head_dim) -> (..., heads, length, head_dim)."""
+    return jnp.swapaxes(x, -3, -2)
 
 
 def _first_layer(model: DalleBart) -> tl.DecoderLayer:
@@ -63,15 +71,48 @@ def encode_prompt(model: DalleBart, text_ids: jax.Array) -> tuple[KeyValues, jax
     else:
         per_layer = [layer.encoder_attn.project_kv(encoder_states) for layer in model.decoder.layers]
         keys, values = (jnp.stack(xs) for xs in zip(*per_layer))
-    return _sharded(keys, values), tl.key_padding_mask(text_ids, TEXT_PAD_ID)
+    return _sharded(_heads_first(keys), _heads_first(values)), tl.key_padding_mask(text_ids, TEXT_PAD_ID)
 
 
 def init_cache(model: DalleBart, batch_size: int, dtype) -> KeyValues:
     """Zeroed self-attention cache for `batch_size` rows and all `image_length` positions. `dtype` should be
     the dtype of the keys `encode_prompt` returned (the model's compute dtype)."""
     attn = _first_layer(model).self_attn
-    shape = (num_decoder_layers(model), batch_size, model.image_length, attn.heads, attn.head_dim)
+    shape = (num_decoder_layers(model), batch_size, attn.heads, model.image_length, attn.head_dim)
     return _sharded(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+# XLA:CPU multiplies a few rows by a (K, N) weight matrix at a fraction of the memory bandwidth; with the matrix
+# stored (N, K), contracting the minor axis of both operands, the same product streams the weights about twice as
+# fast (bench/sampling.py). A decoding step is bound by reading the weights.
+ROW_PRODUCT_MAX_ROWS = 64
+
+
+def _rows_times_transposed(x, kernel_t, dimension_numbers=None, precision=None, preferred_element_type=None,
+                           out_sharding=None):
+    """`x @ kernel_t.T` for x (..., K) and kernel_t (N, K); stands in for `lax.dot_general` in the nnx.Linear
+    layers that `use_row_products` switched."""
+    del dimension_numbers, out_sharding  # the layout is fixed: x's last axis against kernel_t's last
+    return jax.lax.dot_general(x, kernel_t, (((x.ndim - 1,), (1,)), ((), ())), precision=precision,
+                               preferred_element_type=preferred_element_type)
+
+
+def use_row_products(model: DalleBart) -> None:
+    """Stores every kernel that `decode_step` multiplies by transposed, (..., out, in), and makes its layer compute
+    with `_rows_times_transposed`: on XLA:CPU, for a few rows per device (<= ROW_PRODUCT_MAX_ROWS), this reads the
+    weights about twice as fast. Changes `model` in place, so it should be a model merged inside the trace
+    that decodes (the transpose then runs once per trace, before the token loop). The encoder and the
+    cross-attention key/value projections (`encode_prompt`, many rows) are left as they are."""
+    decoder = model.decoder
+    linears = [decoder.lm_head]
+    for layer in [decoder.layers] if decoder.scan_layers else list(decoder.layers):
+        for attn, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "out_proj")),
+                            (layer.encoder_attn, ("q_proj", "out_proj"))):
+            linears += [getattr(attn, name) for name in names]
+        linears += [getattr(layer.ffn, name) for name in ("fc0", "fc1", "fc2") if hasattr(layer.ffn, name)]
+    for linear in linears:
+        linear.kernel.value = jnp.swapaxes(linear.kernel.value, -1, -2)
+        linear.dot_general = _rows_times_transposed
 
 
 def _layer_step(layer: tl.DecoderLayer, x: jax.Array, cache: KeyValues, index, position: jax.Array,
@@ -79,16 +120,17 @@ def _layer_step(layer: tl.DecoderLayer, x: jax.Array, cache: KeyValues, index, p
                 cross_mask: jax.Array) -> tuple[jax.Array, KeyValues]:
     """One decoder layer on one position: x (B, 1, d_model); `index` is the layer's slot in the cache."""
     h = layer.pre_self_attn_layer_norm(x)
-    k, v = layer.self_attn.project_kv(h)
-    start = (index, 0, position, 0, 0)
+    k, v = (_heads_first(x) for x in layer.self_attn.project_kv(h))
+    start = (index, 0, 0, position, 0)
     cache = KeyValues(jax.lax.dynamic_update_slice(cache.keys, k[None].astype(cache.keys.dtype), start),
                       jax.lax.dynamic_update_slice(cache.values, v[None].astype(cache.values.dtype), start))
     layer_keys = jax.lax.dynamic_index_in_dim(cache.keys, index, keepdims=False)
     layer_values = jax.lax.dynamic_index_in_dim(cache.values, index, keepdims=False)
-    h = layer.self_attn.attend(layer.self_attn.project_q(h), layer_keys, layer_values, self_mask)
+    h = layer.self_attn.attend(layer.self_attn.project_q(h), layer_keys, layer_values, self_mask, heads_first=True)
     x = x + layer.self_attn_layer_norm(h)
     h = layer.pre_encoder_attn_layer_norm(x)
-    h = layer.encoder_attn.attend(layer.encoder_attn.project_q(h), cross_keys, cross_values, cross_mask)
+    h = layer.encoder_attn.attend(layer.encoder_attn.project_q(h), cross_keys, cross_values, cross_mask,
+                                  heads_first=True)
     x = x + layer.encoder_attn_layer_norm(h)
     return constrain(x + layer.ffn(x), tl.EMBED_ACTIVATION), cache
 

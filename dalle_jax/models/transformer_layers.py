@@ -85,13 +85,17 @@ class Attention(nnx.Module):
         """(B, Lk, d_model) -> keys and values, each (B, Lk, heads, head_dim)."""
         return self._split_heads(self.k_proj(x)), self._split_heads(self.v_proj(x))
 
-    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *,
+               heads_first: bool = False) -> jax.Array:
         """Scaled queries against keys/values; `mask` (broadcastable to (B, heads, Lq, Lk)) is True where
-        attention is allowed. Softmax runs in float32."""
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        attention is allowed. Softmax runs in float32. Keys/values are (B, Lk, heads, head_dim), or with
+        `heads_first` (B, heads, Lk, head_dim), the layout the products read without a transpose (decoding
+        caches are stored so)."""
+        kv = "bhkd" if heads_first else "bkhd"
+        scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = jnp.where(mask, scores, MASKED_SCORE)
         weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        out = jnp.einsum(f"bhqk,{kv}->bqhd", weights, v)
         return self.out_proj(out.reshape(*out.shape[:2], self.heads * self.head_dim))
 
     def __call__(self, x: jax.Array, kv_input: jax.Array, mask: jax.Array) -> jax.Array:

@@ -49,9 +49,9 @@ def random_model(cfg, seed: int = 0) -> DalleBart:
     return nnx.merge(graphdef, state)
 
 
-def teacher_forced_and_cached(model: DalleBart, text, image_inputs):
+def teacher_forced_and_cached(model: DalleBart, text, image_inputs, row_products: bool = False):
     """Teacher-forced logits, and the same positions decoded one token at a time, (B, L, vocab) each, plus the
-    final cache."""
+    final cache; with `row_products` the steps use transposed kernels (`cached_decoding.use_row_products`)."""
     graphdef, state = nnx.split(model)
 
     @jit
@@ -60,9 +60,12 @@ def teacher_forced_and_cached(model: DalleBart, text, image_inputs):
         expected = m.decode(image_inputs, m.encode(text), text)
         cross_kv, cross_mask = cached_decoding.encode_prompt(m, text)
         cache = cached_decoding.init_cache(m, text.shape[0], cross_kv.keys.dtype)
+        if row_products:
+            cached_decoding.use_row_products(m)
+        step_graphdef, step_state = nnx.split(m)
 
         def step(cache, position):
-            step_model = nnx.merge(graphdef, state, copy=True)
+            step_model = nnx.merge(step_graphdef, step_state, copy=True)
             logits, cache = cached_decoding.decode_step(
                 step_model, image_inputs[:, position], position, cache, cross_kv, cross_mask)
             return cache, logits
@@ -73,23 +76,24 @@ def teacher_forced_and_cached(model: DalleBart, text, image_inputs):
     return jax.tree.map(np.asarray, run(state, text, image_inputs))
 
 
-@pytest.mark.parametrize("scan, ffn", [(True, "glu"), (False, "glu"), (True, "mlp"), (False, "mlp")])
-def test_cached_steps_equal_teacher_forced_decode(scan, ffn):
+@pytest.mark.parametrize("scan, ffn, row_products", [(True, "glu", False), (False, "glu", False), (True, "mlp", False),
+                                                     (False, "mlp", False), (True, "glu", True), (False, "mlp", True)])
+def test_cached_steps_equal_teacher_forced_decode(scan, ffn, row_products):
     model = random_model(make_cfg(scan_layers=scan, ffn=ffn))
     inputs = np.asarray(teacher_forcing_inputs(jnp.asarray(IMAGE_TOKENS), CODEBOOK))
-    expected, cached, cross_kv, cache = teacher_forced_and_cached(model, TEXT, inputs)
+    expected, cached, cross_kv, cache = teacher_forced_and_cached(model, TEXT, inputs, row_products)
 
     assert cached.shape == expected.shape == (3, IMAGE_LENGTH, 64) and cached.dtype == np.float32
     np.testing.assert_allclose(cached, expected, rtol=1e-5, atol=1e-5)
     assert np.all(cached[..., CODEBOOK:] == MASKED_LOGIT)
-    # Layer-major layout: (layers, batch, length, heads, head_dim); every position of the cache was written.
-    assert cross_kv.keys.shape == (2, 3, 8, 4, 8) and cache.keys.shape == (2, 3, IMAGE_LENGTH, 4, 8)
-    assert np.all(np.abs(cache.values).max(axis=(3, 4)) > 0)
+    # Layer-major, heads first: (layers, batch, heads, length, head_dim); every position of the cache was written.
+    assert cross_kv.keys.shape == (2, 3, 4, 8, 8) and cache.keys.shape == (2, 3, 4, IMAGE_LENGTH, 8)
+    assert np.all(np.abs(cache.values).max(axis=(2, 4)) > 0)
 
 
 def test_decode_step_rejects_mismatched_batches():
     model = nnx.eval_shape(lambda: DalleBart(make_cfg(), rngs=nnx.Rngs(params=0, dropout=1)))
-    kv = lambda rows, length: cached_decoding.KeyValues(*[np.zeros((2, rows, length, 4, 8), np.float32)] * 2)
+    kv = lambda rows, length: cached_decoding.KeyValues(*[np.zeros((2, rows, 4, length, 8), np.float32)] * 2)
     mask = np.ones((3, 1, 1, 8), bool)
     with pytest.raises(ValueError, match="token_ids"):
         cached_decoding.decode_step(model, np.zeros((2,), np.int32), 0, kv(3, IMAGE_LENGTH), kv(3, 8), mask)
