@@ -161,7 +161,7 @@ def _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, knobs: d
         batch = text_ids.shape[0]
         prompts = interleave(text_ids, uncond_text_ids) if guided else text_ids
         cross_kv, cross_mask = cached_decoding.encode_prompt(model, parallel.constrain(prompts, TEXT_ACTIVATION))
-        cache = cached_decoding.init_cache(model, prompts.shape[0], cross_kv.keys.dtype)
+        cache = cached_decoding.init_cache(model, prompts.shape[0], cross_kv.dtype)
         keys = image_keys(seeds, indices)
         if _row_products_pay(prompts.shape[0], mesh):
             cached_decoding.use_row_products(model)

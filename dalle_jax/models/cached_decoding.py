@@ -4,12 +4,13 @@ Per prompt, `encode_prompt` runs the encoder once and projects every decoder lay
 values from it. Per step, `decode_step` embeds one token, writes that token's self-attention keys/values into
 a preallocated cache at its position, and attends to positions <= the current one.
 
-Caches and cross-attention keys/values have a leading layer axis whatever the stack's kind and are stored heads
-first, (layers, B, heads, length, head_dim), the layout attention's products read without a transpose; the cache is a
-loop carry: each step writes one position of one layer in place (`dynamic_update_slice`) instead of producing
-a fresh copy of a layer's cache, as scanning the cache as a per-layer input/output would. A scanned stack is
-walked with `nnx.scan` over its stacked parameters together with the stacked cross keys/values and the layer
-index; an unrolled stack (`nnx.List`) with a Python loop over the same per-layer function.
+Caches and cross-attention keys/values are stored heads first, (B, heads, length, head_dim) per layer, the layout
+attention's products read without a transpose. For a scanned stack they are stacked on a leading layer axis; for
+an unrolled stack (`nnx.List`) they are tuples of per-layer arrays, so that a step reads each layer's cache where
+it lies instead of slicing a copy out of a stack. The cache is a loop carry: each step writes one position of
+one layer in place (`dynamic_update_slice`). A scanned stack is walked with `nnx.scan` over its stacked
+parameters together with the stacked cross keys/values and the layer index; an unrolled stack with a Python loop
+over the same per-layer function.
 
 On the CPU, `use_row_products` can switch a decoding step's projections to transposed kernels (see there).
 
@@ -18,6 +19,7 @@ the two equal by checking step-by-step logits against the teacher-forced `DalleB
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -33,12 +35,24 @@ KV_ACTIVATION = (tl.LAYERS_AXIS, "batch", "heads", "length", None)
 
 
 class KeyValues(NamedTuple):
-    """Attention keys and values of every decoder layer, each (layers, B, heads, length, head_dim)."""
-    keys: jax.Array
-    values: jax.Array
+    """Attention keys and values of every decoder layer: each (layers, B, heads, length, head_dim) for a scanned
+    stack, a tuple of per-layer (B, heads, length, head_dim) arrays for an unrolled one."""
+    keys: jax.Array | tuple[jax.Array, ...]
+    values: jax.Array | tuple[jax.Array, ...]
+
+    @property
+    def rows(self) -> int:
+        """The batch size they were made for."""
+        return jax.tree.leaves(self.keys)[0].shape[-4]
+
+    @property
+    def dtype(self):
+        return jax.tree.leaves(self.keys)[0].dtype
 
 
-def _sharded(keys: jax.Array, values: jax.Array) -> KeyValues:
+def _sharded(keys, values) -> KeyValues:
+    if isinstance(keys, (tuple, list)):
+        return KeyValues(*(tuple(constrain(x, KV_ACTIVATION[1:]) for x in xs) for xs in (keys, values)))
     return KeyValues(constrain(keys, KV_ACTIVATION), constrain(values, KV_ACTIVATION))
 
 
@@ -67,25 +81,30 @@ def encode_prompt(model: DalleBart, text_ids: jax.Array) -> tuple[KeyValues, jax
         def project(layer, states):
             return layer.encoder_attn.project_kv(states)
 
-        keys, values = project(model.decoder.layers, encoder_states)
+        keys, values = (_heads_first(x) for x in project(model.decoder.layers, encoder_states))
     else:
         per_layer = [layer.encoder_attn.project_kv(encoder_states) for layer in model.decoder.layers]
-        keys, values = (jnp.stack(xs) for xs in zip(*per_layer))
-    return _sharded(_heads_first(keys), _heads_first(values)), tl.key_padding_mask(text_ids, TEXT_PAD_ID)
+        keys, values = (tuple(_heads_first(x) for x in xs) for xs in zip(*per_layer))
+    return _sharded(keys, values), tl.key_padding_mask(text_ids, TEXT_PAD_ID)
 
 
 def init_cache(model: DalleBart, batch_size: int, dtype) -> KeyValues:
     """Zeroed self-attention cache for `batch_size` rows and all `image_length` positions. `dtype` should be
-    the dtype of the keys `encode_prompt` returned (the model's compute dtype)."""
+    the `dtype` of the keys `encode_prompt` returned (the model's compute dtype)."""
     attn = _first_layer(model).self_attn
-    shape = (num_decoder_layers(model), batch_size, attn.heads, model.image_length, attn.head_dim)
-    return _sharded(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    shape = (batch_size, attn.heads, model.image_length, attn.head_dim)
+    layers = num_decoder_layers(model)
+    if model.decoder.scan_layers:
+        return _sharded(*(jnp.zeros((layers, *shape), dtype) for _ in range(2)))
+    return _sharded(*(tuple(jnp.zeros(shape, dtype) for _ in range(layers)) for _ in range(2)))
 
 
 # XLA:CPU multiplies a few rows by a (K, N) weight matrix at a fraction of the memory bandwidth; with the matrix
 # stored (N, K), contracting the minor axis of both operands, the same product streams the weights about twice as
-# fast (bench/sampling.py). A decoding step is bound by reading the weights.
+# fast, and one row at a time (a matrix-vector product each) faster still for up to 2 rows. A decoding step is
+# bound by reading the weights (bench/sampling.py).
 ROW_PRODUCT_MAX_ROWS = 64
+ONE_ROW_AT_A_TIME_MAX_ROWS = 2
 
 
 def _rows_times_transposed(x, kernel_t, dimension_numbers=None, precision=None, preferred_element_type=None,
@@ -93,8 +112,15 @@ def _rows_times_transposed(x, kernel_t, dimension_numbers=None, precision=None, 
     """`x @ kernel_t.T` for x (..., K) and kernel_t (N, K); stands in for `lax.dot_general` in the nnx.Linear
     layers that `use_row_products` switched."""
     del dimension_numbers, out_sharding  # the layout is fixed: x's last axis against kernel_t's last
-    return jax.lax.dot_general(x, kernel_t, (((x.ndim - 1,), (1,)), ((), ())), precision=precision,
-                               preferred_element_type=preferred_element_type)
+    product = functools.partial(jax.lax.dot_general, dimension_numbers=(((1,), (1,)), ((), ())), precision=precision,
+                                preferred_element_type=preferred_element_type)
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] > ONE_ROW_AT_A_TIME_MAX_ROWS:
+        out = product(flat, kernel_t)
+    else:  # the barrier keeps XLA from merging the rows' products back into one
+        out = jnp.concatenate([product(jax.lax.optimization_barrier(flat[i:i + 1]), kernel_t)
+                               for i in range(flat.shape[0])])
+    return out.reshape(*x.shape[:-1], kernel_t.shape[0])
 
 
 def use_row_products(model: DalleBart) -> None:
@@ -118,14 +144,17 @@ def use_row_products(model: DalleBart) -> None:
 def _layer_step(layer: tl.DecoderLayer, x: jax.Array, cache: KeyValues, index, position: jax.Array,
                 cross_keys: jax.Array, cross_values: jax.Array, self_mask: jax.Array,
                 cross_mask: jax.Array) -> tuple[jax.Array, KeyValues]:
-    """One decoder layer on one position: x (B, 1, d_model); `index` is the layer's slot in the cache."""
+    """One decoder layer on one position: x (B, 1, d_model). `cache` is every layer's, stacked, with `index` the
+    layer's slot, or (index None) this layer's alone."""
     h = layer.pre_self_attn_layer_norm(x)
-    k, v = (_heads_first(x) for x in layer.self_attn.project_kv(h))
-    start = (index, 0, 0, position, 0)
-    cache = KeyValues(jax.lax.dynamic_update_slice(cache.keys, k[None].astype(cache.keys.dtype), start),
-                      jax.lax.dynamic_update_slice(cache.values, v[None].astype(cache.values.dtype), start))
-    layer_keys = jax.lax.dynamic_index_in_dim(cache.keys, index, keepdims=False)
-    layer_values = jax.lax.dynamic_index_in_dim(cache.values, index, keepdims=False)
+    k, v = (_heads_first(x)[None] for x in layer.self_attn.project_kv(h))
+    start = (0, 0, position, 0) if index is None else (index, 0, 0, position, 0)
+    if index is None:
+        k, v = k[0], v[0]
+    cache = KeyValues(jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), start),
+                      jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), start))
+    layer_keys, layer_values = cache if index is None else (
+        jax.lax.dynamic_index_in_dim(xs, index, keepdims=False) for xs in cache)
     h = layer.self_attn.attend(layer.self_attn.project_q(h), layer_keys, layer_values, self_mask, heads_first=True)
     x = x + layer.self_attn_layer_norm(h)
     h = layer.pre_encoder_attn_layer_norm(x)
@@ -144,11 +173,11 @@ def decode_step(model: DalleBart, token_ids: jax.Array, position: jax.Array, cac
     `model` must belong to the trace that calls this (inside a `lax.scan`/`fori_loop` body, merge it there with
     `nnx.merge(graphdef, state, copy=True)`): the scanned stack goes through `nnx.scan`, which refuses
     Variables of an enclosing trace."""
-    if token_ids.ndim != 1 or token_ids.shape[0] != cache.keys.shape[1]:
-        raise ValueError(f"token_ids must have shape (batch,) = ({cache.keys.shape[1]},) to match the cache, "
+    if token_ids.ndim != 1 or token_ids.shape[0] != cache.rows:
+        raise ValueError(f"token_ids must have shape (batch,) = ({cache.rows},) to match the cache, "
                          f"got {token_ids.shape}; pass one previous token per row.")
-    if cross_kv.keys.shape[1] != token_ids.shape[0]:
-        raise ValueError(f"cross_kv holds {cross_kv.keys.shape[1]} rows but token_ids {token_ids.shape[0]}; "
+    if cross_kv.rows != token_ids.shape[0]:
+        raise ValueError(f"cross_kv holds {cross_kv.rows} rows but token_ids {token_ids.shape[0]}; "
                          f"encode the same batch of prompts as the cache was made for.")
     decoder = model.decoder
     position = jnp.asarray(position, jnp.int32)
@@ -165,9 +194,12 @@ def decode_step(model: DalleBart, token_ids: jax.Array, position: jax.Array, cac
         indices = jnp.arange(num_decoder_layers(model), dtype=jnp.int32)
         x, cache = body((x, cache), decoder.layers, indices, cross_kv.keys, cross_kv.values)
     else:
-        for index, layer in enumerate(decoder.layers):
-            x, cache = _layer_step(layer, x, cache, index, position, cross_kv.keys[index], cross_kv.values[index],
-                                   self_mask, cross_mask)
+        per_layer = []
+        for layer, keys, values, cross_keys, cross_values in zip(decoder.layers, *cache, *cross_kv):
+            x, layer_cache = _layer_step(layer, x, KeyValues(keys, values), None, position, cross_keys,
+                                         cross_values, self_mask, cross_mask)
+            per_layer.append(layer_cache)
+        cache = KeyValues(*(tuple(xs) for xs in zip(*per_layer)))
 
     logits = constrain(decoder.lm_head(decoder.final_ln(x)), ("batch", "length", "vocab"))[:, 0].astype(jnp.float32)
     is_codebook_index = jnp.arange(decoder.padded_vocab_size) < decoder.image_vocab_size

@@ -59,7 +59,7 @@ def teacher_forced_and_cached(model: DalleBart, text, image_inputs, row_products
         m = nnx.merge(graphdef, state)
         expected = m.decode(image_inputs, m.encode(text), text)
         cross_kv, cross_mask = cached_decoding.encode_prompt(m, text)
-        cache = cached_decoding.init_cache(m, text.shape[0], cross_kv.keys.dtype)
+        cache = cached_decoding.init_cache(m, text.shape[0], cross_kv.dtype)
         if row_products:
             cached_decoding.use_row_products(m)
         step_graphdef, step_state = nnx.split(m)
@@ -71,7 +71,8 @@ def teacher_forced_and_cached(model: DalleBart, text, image_inputs, row_products
             return cache, logits
 
         cache, logits = jax.lax.scan(step, cache, jnp.arange(image_inputs.shape[1]))
-        return expected, jnp.swapaxes(logits, 0, 1), cross_kv, cache
+        stacked = lambda kv: cached_decoding.KeyValues(*(jnp.stack(x) if isinstance(x, tuple) else x for x in kv))
+        return expected, jnp.swapaxes(logits, 0, 1), stacked(cross_kv), stacked(cache)
 
     return jax.tree.map(np.asarray, run(state, text, image_inputs))
 
@@ -99,3 +100,12 @@ def test_decode_step_rejects_mismatched_batches():
         cached_decoding.decode_step(model, np.zeros((2,), np.int32), 0, kv(3, IMAGE_LENGTH), kv(3, 8), mask)
     with pytest.raises(ValueError, match="cross_kv"):
         cached_decoding.decode_step(model, np.zeros((2,), np.int32), 0, kv(2, IMAGE_LENGTH), kv(3, 8), mask)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 8])
+def test_row_products_equal_the_dot_one_row_at_a_time_and_together(rows):
+    rng = np.random.default_rng(rows)
+    x, kernel = rng.normal(size=(rows, 1, 24)).astype(np.float32), rng.normal(size=(24, 40)).astype(np.float32)
+    product = jit(lambda x, kernel_t: cached_decoding._rows_times_transposed(x, kernel_t))(x, kernel.T.copy())
+    assert product.shape == (rows, 1, 40)
+    np.testing.assert_allclose(product, x @ kernel, rtol=1e-5, atol=1e-5)
