@@ -106,7 +106,7 @@ class DalleJaxRunner:
             args = (self.graphdef, self.state, self.ids, np.broadcast_to(self.empty, self.ids.shape),
                     np.zeros(self.images, np.uint32), np.arange(self.images, dtype=np.uint32),
                     sampling._knobs(self.settings))
-            sampling._sample.lower(*args, guided=True, mesh=None, rules=None).compile()
+            sampling._sample.lower(*args, guided=True, top_k=self.settings.top_k, mesh=None, rules=None).compile()
         except (AttributeError, TypeError):
             self.run()
         return time.perf_counter() - start

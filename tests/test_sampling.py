@@ -134,6 +134,13 @@ def test_top_p_applies_to_what_top_k_kept():
     assert np.isfinite(np.asarray(truncate(logits, 2, 1.0))).tolist() == [[True, True, False]]
 
 
+def test_a_static_top_k_partial_sort_equals_the_full_sort():
+    logits = jnp.asarray(np.random.default_rng(3).normal(size=(4, 96)) * 3, jnp.float32)
+    for k, p in ((1, 1.0), (5, 1.0), (5, 0.5), (40, 0.9), (96, 0.3), (500, 0.95)):
+        static = jax.jit(functools.partial(sampling.truncate, top_k=k))(logits, top_p=p)
+        np.testing.assert_array_equal(np.asarray(static), np.asarray(truncate(logits, k, p)), err_msg=str((k, p)))
+
+
 def test_temperature_and_codebook_restriction():
     logits = jnp.asarray(np.random.default_rng(2).normal(size=(3, 64)), jnp.float32)
     out = np.asarray(filter_logits(logits, CODEBOOK, 2.0))
