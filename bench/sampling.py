@@ -3,9 +3,10 @@
 
 Both run DALL·E mini's architecture (configs/dalle_mini.py) with random float32 weights and classifier-free
 guidance (2 rows per image through the decoder, cond_scale 10), top-k 256 as min-dalle's default. A run's time
-covers the text encoder and the whole token loop; dalle_jax is compiled beforehand and min-dalle warmed up by a
-2-token run. Runs of the two alternate; figures are medians over `--repeats`. torch gets as many threads as XLA
-(one per core) and, unless OMP_WAIT_POLICY is set, OpenMP threads that sleep rather than spin at barriers.
+covers the text encoder, the whole token loop and (dalle_jax on the CPU) transposing the decoder's kernels once;
+dalle_jax is compiled beforehand and min-dalle warmed up by a 2-token run. Runs of the two alternate; figures are
+medians over `--repeats`. torch gets as many threads as XLA (one per core) and, unless OMP_WAIT_POLICY is set,
+OpenMP threads that sleep rather than spin at barriers.
 
 The bound is memory bandwidth: each decoding step reads the decoder's weights, the cross-attention keys/values
 and the causal part of the self-attention cache, so a step cannot take less than those bytes over the read
