@@ -3,9 +3,9 @@
 
 Both run DALL·E mini's architecture (configs/dalle_mini.py) with random float32 weights and classifier-free
 guidance (2 rows per image through the decoder, cond_scale 10), top-k 256 as min-dalle's default. A run's time
-covers the text encoder, the whole token loop and (dalle_jax on the CPU) transposing the decoder's kernels once;
-dalle_jax is compiled beforehand and min-dalle warmed up by a 2-token run. Runs of the two alternate; figures are
-medians over `--repeats`. torch gets as many threads as XLA (one per core) and, unless OMP_WAIT_POLICY is set,
+covers the text encoder and the whole token loop. dalle_jax's decoding kernels are stored transposed once when its
+model is set up (`sampling.with_row_products`, as `TextToImage` does on the CPU) and it is compiled beforehand;
+min-dalle is warmed up by a 2-token run. Runs of the two alternate; figures are medians over `--repeats`. torch gets as many threads as XLA (one per core) and, unless OMP_WAIT_POLICY is set,
 OpenMP threads that sleep rather than spin at barriers.
 
 The bound is memory bandwidth: each decoding step reads the decoder's weights, the cross-attention keys/values
@@ -94,6 +94,7 @@ class DalleJaxRunner:
         make = lambda: DalleBart(cfg, rngs=nnx.Rngs(params=0, dropout=1))  # noqa: E731
         self.graphdef, _ = nnx.split(nnx.eval_shape(make))
         self.state = jax.jit(lambda: nnx.split(make())[1])()
+        self.graphdef, self.state = sampling.with_row_products(self.graphdef, self.state)
         ids, self.empty = prompt_ids(cfg.text_length)
         self.ids, self.images = np.tile(ids, (images, 1)), images
         self.settings = sampling.SamplingSettings(cond_scale=COND_SCALE, top_k=TOP_K)

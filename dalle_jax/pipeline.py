@@ -81,6 +81,8 @@ class TextToImage:
                                  if default_settings is None else default_settings)
         self.default_settings.validate()
         self._graphdef, self._state = nnx.split(seq2seq.model())
+        if all(device.platform == "cpu" for device in mesh.devices.flat):
+            self._graphdef, self._state = sampling.with_row_products(self._graphdef, self._state)
         grid = vqgan.grid_size
         self._decode = jax.jit(lambda params, codes: gan_losses.to_uint8(
             nnx.merge(vqgan.graphdef, params).decode_code(codes.reshape(codes.shape[0], grid, grid))))

@@ -159,6 +159,15 @@ def _row_products_pay(rows: int, mesh: Mesh | None) -> bool:
     return devices[0].platform == "cpu" and per_device <= cached_decoding.ROW_PRODUCT_MAX_ROWS
 
 
+def with_row_products(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[nnx.GraphDef, nnx.State]:
+    """The same model with the kernels its decoding steps multiply by stored transposed
+    (`cached_decoding.use_row_products`), for sampling many times on the CPU: `sample_image_tokens` otherwise
+    transposes them in every call (seconds at DALL·E mini's size). The given state is left as it is."""
+    model = nnx.merge(graphdef, state, copy=True)
+    cached_decoding.use_row_products(model)
+    return nnx.split(model)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "guided", "top_k", "mesh", "rules"))
 def _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, knobs: dict, *, guided: bool,
             top_k: int | None, mesh: Mesh | None, rules) -> jax.Array:

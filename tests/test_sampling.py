@@ -134,6 +134,13 @@ def test_top_p_applies_to_what_top_k_kept():
     assert np.isfinite(np.asarray(truncate(logits, 2, 1.0))).tolist() == [[True, True, False]]
 
 
+def test_a_model_with_row_products_prepared_once_samples_the_same(split_model):
+    prepared = sampling.with_row_products(*split_model)
+    kernel = lambda state: state["decoder"]["layers"]["ffn"]["fc0"]["kernel"][...]
+    assert kernel(prepared[1]).shape == np.swapaxes(kernel(split_model[1]), -1, -2).shape != kernel(split_model[1]).shape
+    np.testing.assert_array_equal(sample(prepared, PROMPTS), sample(split_model, PROMPTS))
+
+
 def test_a_static_top_k_partial_sort_equals_the_full_sort():
     logits = jnp.asarray(np.random.default_rng(3).normal(size=(4, 96)) * 3, jnp.float32)
     for k, p in ((1, 1.0), (5, 1.0), (5, 0.5), (40, 0.9), (96, 0.3), (500, 0.95)):

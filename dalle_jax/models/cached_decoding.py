@@ -126,9 +126,10 @@ def _rows_times_transposed(x, kernel_t, dimension_numbers=None, precision=None, 
 def use_row_products(model: DalleBart) -> None:
     """Stores every kernel that `decode_step` multiplies by transposed, (..., out, in), and makes its layer compute
     with `_rows_times_transposed`: on XLA:CPU, for a few rows per device (<= ROW_PRODUCT_MAX_ROWS), this reads the
-    weights about twice as fast. Changes `model` in place, so it should be a model merged inside the trace
-    that decodes (the transpose then runs once per trace, before the token loop). The encoder and the
-    cross-attention key/value projections (`encode_prompt`, many rows) are left as they are."""
+    weights about twice as fast. Changes `model` in place: merged inside the trace that decodes, the transposes
+    run once per call, before the token loop; on a model outside any trace (`sampling.with_row_products`), once
+    for every later call. Layers already switched are left alone. The encoder and the cross-attention key/value
+    projections (`encode_prompt`, many rows) keep their layout."""
     decoder = model.decoder
     linears = [decoder.lm_head]
     for layer in [decoder.layers] if decoder.scan_layers else list(decoder.layers):
@@ -136,8 +137,8 @@ def use_row_products(model: DalleBart) -> None:
                             (layer.encoder_attn, ("q_proj", "out_proj"))):
             linears += [getattr(attn, name) for name in names]
         linears += [getattr(layer.ffn, name) for name in ("fc0", "fc1", "fc2") if hasattr(layer.ffn, name)]
-    for linear in linears:
-        linear.kernel.value = jnp.swapaxes(linear.kernel.value, -1, -2)
+    for linear in (linear for linear in linears if linear.dot_general is not _rows_times_transposed):
+        linear.kernel.set_value(jnp.swapaxes(linear.kernel.get_value(), -1, -2))
         linear.dot_general = _rows_times_transposed
 
 
