@@ -148,10 +148,10 @@ def _layer_step(layer: tl.DecoderLayer, x: jax.Array, cache: KeyValues, index, p
     """One decoder layer on one position: x (B, 1, d_model). `cache` is every layer's, stacked, with `index` the
     layer's slot, or (index None) this layer's alone."""
     h = layer.pre_self_attn_layer_norm(x)
-    k, v = (_heads_first(x)[None] for x in layer.self_attn.project_kv(h))
+    k, v = (_heads_first(t) for t in layer.self_attn.project_kv(h))
     start = (0, 0, position, 0) if index is None else (index, 0, 0, position, 0)
-    if index is None:
-        k, v = k[0], v[0]
+    if index is not None:
+        k, v = k[None], v[None]
     cache = KeyValues(jax.lax.dynamic_update_slice(cache.keys, k.astype(cache.keys.dtype), start),
                       jax.lax.dynamic_update_slice(cache.values, v.astype(cache.values.dtype), start))
     layer_keys, layer_values = cache if index is None else (
