@@ -21,7 +21,6 @@ setup(
         "scipy>=1.13,<2",
         "sentencepiece>=0.2.1,<0.3",
         "ml_collections>=1.1,<2",
-        "clu>=0.0.12,<0.1",
         "pillow>=11,<14",
         "safetensors>=0.6,<0.9",
         "tqdm>=4.67,<5",
