@@ -33,6 +33,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     config.data = common.data_config(ml_collections.FieldReference(256))
     config.data.blank_caption_prob = 0.1  # Chance a training caption is replaced by "" (for guidance).
+    # Chance a training example uses its first (canonical) caption; otherwise one of all its captions at random.
+    config.data.canonical_caption_prob = 0.0
     config.data.encode_batch_size = 64  # Global batch of the encode stage (images -> VQGAN codes).
 
     config.text = ml_collections.ConfigDict()

@@ -85,12 +85,20 @@ def image_transform(image_key: str, image_size: int) -> Transform:
     return transform
 
 
-def caption_and_codes(tokenizer, text_length: int, *, random_caption: bool):
-    """Transform of image-token records into `text_ids` + `codes`. Training (`random_caption`) tokenizes one of
-    the example's captions chosen by the generator; evaluation always its first (canonical) caption."""
+def caption_and_codes(tokenizer, text_length: int, *, random_caption: bool, canonical_prob: float = 0.0):
+    """Transform of image-token records into `text_ids` + `codes`. Training (`random_caption`) tokenizes the
+    example's first (canonical) caption with probability `canonical_prob`, and otherwise one of all its captions
+    chosen by the generator; evaluation always the canonical one."""
+    if not 0.0 <= canonical_prob <= 1.0:
+        raise ValueError(f"config.data.canonical_caption_prob={canonical_prob} must be in [0, 1].")
+
     def tokenize(example: Example, caption: str) -> dict:
         return {"text_ids": tokenizer.encode(caption, text_length), "codes": np.asarray(example["codes"], np.int32)}
 
-    if random_caption:
-        return lambda example, rng: tokenize(example, example["captions"][rng.integers(len(example["captions"]))])
-    return lambda example: tokenize(example, example["captions"][0])
+    def random_one(example: Example, rng: np.random.Generator) -> dict:
+        captions = example["captions"]
+        canonical = canonical_prob > 0 and rng.random() < canonical_prob  # no extra draw when off
+        index = 0 if canonical else rng.integers(len(captions))
+        return tokenize(example, captions[index])
+
+    return random_one if random_caption else (lambda example: tokenize(example, example["captions"][0]))

@@ -51,7 +51,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     train_iter = pipeline.train_iterator(
         train_source, None, global_batch=config.data.batch_size, seed=config.seed,
         read_threads=config.data.read_threads, prefetch=config.data.prefetch,
-        random_transform=pipeline.caption_and_codes(tokenizer, config.model.text_length, random_caption=True))
+        random_transform=pipeline.caption_and_codes(tokenizer, config.model.text_length, random_caption=True,
+                                                    canonical_prob=config.data.canonical_caption_prob))
     eval_transform = pipeline.caption_and_codes(tokenizer, config.model.text_length, random_caption=False)
 
     # 3. State, built directly in its sharding, or restored from the newest checkpoint.

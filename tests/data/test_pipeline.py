@@ -72,3 +72,32 @@ def test_too_small_split_is_a_clear_error():
 def test_eval_split_smaller_than_a_batch_names_the_eval_field():
     with pytest.raises(ValueError, match="config.data.eval_batch_size"):
         next(pipeline.eval_batches(ArraySource(3), pipeline.image_transform("image", 2), global_batch=4))
+
+
+class _WordTokenizer:
+    def encode(self, caption, length):
+        return caption
+
+
+def _caption_counts(canonical_prob, draws=4000):
+    transform = pipeline.caption_and_codes(_WordTokenizer(), 8, random_caption=True, canonical_prob=canonical_prob)
+    example = {"captions": ["canonical", "p1", "p2", "p3", "p4"], "codes": [1, 2]}
+    rng = np.random.default_rng(0)
+    drawn = [transform(example, rng)["text_ids"] for _ in range(draws)]
+    return {c: drawn.count(c) / draws for c in example["captions"]}
+
+
+def test_canonical_caption_probability_mixes_the_first_caption_in():
+    assert _caption_counts(1.0)["canonical"] == 1.0
+    uniform = _caption_counts(0.0)
+    assert all(abs(share - 0.2) < 0.03 for share in uniform.values())
+    # Half the draws take the canonical caption; the other half pick uniformly among all five.
+    assert abs(_caption_counts(0.5)["canonical"] - 0.6) < 0.03
+    evaluation = pipeline.caption_and_codes(_WordTokenizer(), 8, random_caption=False)
+    assert evaluation({"captions": ["canonical", "p1"], "codes": [1]})["text_ids"] == "canonical"
+
+
+@pytest.mark.parametrize("bad", [-0.1, 1.5])
+def test_canonical_caption_probability_outside_zero_one_is_an_error(bad):
+    with pytest.raises(ValueError, match="canonical_caption_prob"):
+        pipeline.caption_and_codes(_WordTokenizer(), 8, random_caption=True, canonical_prob=bad)
