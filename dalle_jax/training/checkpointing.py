@@ -24,8 +24,20 @@ def abstract_like(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+# Replicated arrays are written in parallel by their replicas only where each replica's slice is at least this
+# large. Orbax's default slices every replicated array, compiling one slicing program per array and shape: 168 for
+# the tiny VQGAN's first checkpoint on an 8-device mesh, several seconds, to split writes of a few kilobytes.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
+
+
+def _write_small_arrays_whole() -> None:
+    handler = ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES)
+    ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
+
+
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, save_every: int):
+        _write_small_arrays_whole()
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=max(save_every, 1), create=True,
