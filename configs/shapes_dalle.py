@@ -37,6 +37,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # (judge cell accuracy 75% against 45% after 600 steps).
     model.image_positions = "rows_cols"
 
+    # Half the examples take the canonical caption, which states every attribute; the rest pick among all five
+    # captions, paraphrases that leave the size or cell out included. After 600 steps, judged on 500 `test` /
+    # `test_compositional` samples: 64% / 11% against 46-50% / 4-5% with every caption equally likely (0.75: 67% / 6%).
+    config.data.canonical_caption_prob = 0.5
     config.optimizer.learning_rate = 3e-3  # Peak learning rate (1e-3 reaches eval/loss 0.137 where 3e-3 reaches 0.121).
     config.optimizer.warmup_steps = 50  # Linear warmup steps.
 
