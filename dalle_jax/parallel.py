@@ -143,13 +143,11 @@ def jit_sharded_step(step_fn: Callable, state_shardings, mesh: Mesh):
 
 def init_sharded(init_fn: Callable[[], Any], shardings) -> Any:
     """Runs `init_fn` under jit so every array is created directly in its final sharding."""
-    jitted = jax.jit(init_fn, out_shardings=shardings)
-    if not _on_cpu(shardings):
-        return jitted()
     # An init program runs once, but XLA:CPU optimises each parameter's random-number kernel as if it ran often:
     # the tiny VQGAN's init compiles in 5.5 s at LLVM level 0 against 33 s by default. Training programs keep the
     # default level.
-    return jitted.lower().compile(compiler_options={"xla_backend_optimization_level": 0})()
+    options = {"xla_backend_optimization_level": 0} if _on_cpu(shardings) else None
+    return jax.jit(init_fn, out_shardings=shardings, compiler_options=options)()
 
 
 def _on_cpu(shardings) -> bool:
