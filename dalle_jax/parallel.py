@@ -11,6 +11,7 @@ import math
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import optax
 import numpy as np
 from flax import nnx
@@ -146,12 +147,20 @@ def init_sharded(init_fn: Callable[[], Any], shardings) -> Any:
     # An init program runs once, but XLA:CPU optimises each parameter's random-number kernel as if it ran often:
     # the tiny VQGAN's init compiles in 5.5 s at LLVM level 0 against 33 s by default. Training programs keep the
     # default level.
-    options = {"xla_backend_optimization_level": 0} if _on_cpu(shardings) else None
+    # Under a trace (`aot.abstract_state` takes a trainer's state shapes by eval_shape) the jit is nested, and
+    # nested jits take no compiler options; nothing is compiled there anyway.
+    fast_compile = _on_cpu(shardings) and not _tracing()
+    options = {"xla_backend_optimization_level": 0} if fast_compile else None
     return jax.jit(init_fn, out_shardings=shardings, compiler_options=options)()
 
 
 def _on_cpu(shardings) -> bool:
     return all(d.platform == "cpu" for s in jax.tree.leaves(shardings) for d in s.device_set)
+
+
+def _tracing() -> bool:
+    """True inside jit, eval_shape and other traces, where every operation, even on constants, yields a tracer."""
+    return isinstance(jnp.zeros(()), jax.core.Tracer)
 
 
 _activation_rules: list[tuple[Mesh, Rules]] = []
