@@ -80,8 +80,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if k < 1 or config.data.batch_size % k:
         raise ValueError(f"config.optimizer.accumulation_steps={k} must be >= 1 and divide config.data.batch_size="
                          f"{config.data.batch_size}.")
-    if not 0.0 <= config.data.blank_caption_prob <= 1.0:
-        raise ValueError(f"config.data.blank_caption_prob={config.data.blank_caption_prob} must be in [0, 1].")
+    for name in ("blank_caption_prob", "canonical_caption_prob"):
+        if not 0.0 <= config.data.get(name, 0.0) <= 1.0:
+            raise ValueError(f"config.data.{name}={config.data.get(name)} must be in [0, 1].")
 
 
 def create(config: ml_collections.ConfigDict, mesh: Mesh, *, initialize: bool = True):

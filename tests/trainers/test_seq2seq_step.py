@@ -106,3 +106,11 @@ def test_parameter_shardings_follow_the_rules(compilation_cache):
     assert params["decoder/lm_head/kernel"]["spec"] == ["fsdp", "tensor"]
     assert params["encoder/embed_tokens/embedding"]["spec"] == ["tensor", "fsdp"]
     assert all(s is None for s in params["decoder/final_ln/scale"]["spec"])
+
+
+@pytest.mark.parametrize("field, value", [("blank_caption_prob", -0.5), ("canonical_caption_prob", 1.5)])
+def test_caption_probabilities_outside_zero_one_fail_before_any_work(field, value):
+    config = tiny_config()
+    config.data[field] = value
+    with pytest.raises(ValueError, match=f"config.data.{field}={value} must be in"):
+        seq2seq_step.check_config(config)
