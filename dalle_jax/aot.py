@@ -16,7 +16,7 @@ import time
 import jax
 import ml_collections
 
-from dalle_jax import parallel
+from dalle_jax import parallel, tpu_cycles
 
 GiB = 1024 ** 3
 
@@ -26,15 +26,17 @@ class Chip:
     peak_flops: float  # dense bf16 FLOP/s of one chip
     hbm_bytes: int  # HBM of one chip
     hbm_bytes_per_s: float  # HBM bandwidth of one chip
+    clock_hz: float  # TensorCore clock: peak = cores x 4 MXUs x MXU multiply-adds x 2 x clock
     megacore: bool = False  # two TensorCores that jax drives as one device
 
 
-# Public per-chip figures from Google Cloud's TPU pages; topology names are libtpu's ("v5e:4x4", "v4:2x2x2").
+# Public per-chip figures from Google Cloud's TPU pages; topology names are libtpu's ("v5e:4x4", "v4:2x2x2"). The
+# clocks are the ones those peaks imply: v4 and v5p 2 cores, v5e and v6e 1; MXUs of 128x128, v6e's of 256x256.
 CHIPS = {
-    "v4": Chip(275e12, 32 * GiB, 1228e9, megacore=True),
-    "v5e": Chip(197e12, 16 * GiB, 819e9),
-    "v5p": Chip(459e12, 95 * GiB, 2765e9, megacore=True),
-    "v6e": Chip(918e12, 32 * GiB, 1640e9),
+    "v4": Chip(275e12, 32 * GiB, 1228e9, 1.05e9, megacore=True),
+    "v5e": Chip(197e12, 16 * GiB, 819e9, 1.5e9),
+    "v5p": Chip(459e12, 95 * GiB, 2765e9, 1.75e9, megacore=True),
+    "v6e": Chip(918e12, 32 * GiB, 1640e9, 1.75e9),
 }
 
 
@@ -58,8 +60,12 @@ class Report:
     bytes_accessed_per_chip: float  # XLA's memory traffic of one chip's program
     loops: int  # while loops in the program (scanned layers, windowed matmuls): XLA counts each body once
     model_flops_per_step: float  # the model's own FLOPs for one global batch (no rematerialisation)
+    compiler_cycles: int  # the TPU compiler's cycle estimates over one step, loops times their trips (0: none)
+    loop_trips: tuple  # iteration counts of the program's loops, as the cycle count used them
     estimated_step_s: float
-    step_time_source: str  # "compiler": XLA's estimate; "roofline": FLOPs and bytes against the chip's peaks
+    # "compiler cycles": compiler_cycles at the chip's clock; "compiler": XLA's cost-analysis time; "roofline": FLOPs
+    # and bytes against the chip's peaks
+    step_time_source: str
     lower_s: float
     compile_s: float
 
@@ -89,9 +95,12 @@ class Report:
             f"  per chip (XLA's cost analysis, each of the program's {self.loops} loop bodies counted once): FLOPs "
             f"{self.compiler_flops_per_chip:.4g}, bytes accessed {self.bytes_accessed_per_chip:.4g}; model FLOPs per "
             f"step {self.model_flops_per_step:.4g}",
-            f"  estimated step time {self.estimated_step_s * 1e3:.1f} ms ({self.step_time_source}); estimated MFU "
-            f"{100 * self.estimated_mfu:.1f}%" + (" (roofline: a lower bound on the time, an upper bound on the MFU)"
-                                                 if self.step_time_source == "roofline" else ""),
+            f"  estimated step time {self.estimated_step_s * 1e3:.1f} ms ({self.step_time_source}"
+            + (f": {self.compiler_cycles:.4g} cycles at {CHIPS[chip_name(self.topology)].clock_hz / 1e9:g} GHz, "
+               f"loops run {list(self.loop_trips)} times" if self.step_time_source == "compiler cycles" else "")
+            + f"); estimated MFU {100 * self.estimated_mfu:.1f}%"
+            + (" (roofline: a lower bound on the time, an upper bound on the MFU)"
+               if self.step_time_source == "roofline" else ""),
         ])
 
     def as_dict(self) -> dict:
@@ -198,10 +207,12 @@ def summarise(config, topology: str, mesh_shape: dict, memory, cost: dict, hlo_t
               compile_s: float) -> Report:
     """The report of one compiled step from XLA's memory and cost analyses and its optimised HLO.
 
-    The step time is XLA's own estimate when it gives a positive one, else the roofline max(FLOPs / peak, bytes /
-    HBM bandwidth). XLA's TPU cost analysis counts the body of a loop once (`loops` says how many the program has;
-    scanned layers are one), so its FLOPs fall short of the model's: the roofline takes the larger of the two and
-    is then a lower bound on the step time, and the MFU an upper bound.
+    The step time is, in order of preference: the TPU compiler's own per-instruction cycle estimates summed over
+    one step (`tpu_cycles`: each loop body times its iteration count) at the chip's clock; XLA's cost-analysis time
+    when positive; the roofline max(FLOPs / peak, bytes / HBM bandwidth). XLA's cost analysis counts the body of a
+    loop once (`loops` says how many the program has; scanned layers are one), so its FLOPs fall short of the
+    model's: the roofline takes the larger of the two and is then a lower bound on the step time, and the MFU an
+    upper bound.
     """
     chip = CHIPS[chip_name(topology)]
     chips = math.prod(mesh_shape.values())
@@ -209,7 +220,10 @@ def summarise(config, topology: str, mesh_shape: dict, memory, cost: dict, hlo_t
     accessed = float(cost.get("bytes accessed", 0.0))
     compiler_s = float(cost.get("optimal_seconds", 0.0))
     model_flops = model_flops_per_step(config, flops, chips)
-    if compiler_s > 0:
+    cycles = tpu_cycles.program_cycles(hlo_text)
+    if cycles is not None:
+        step_s, source = cycles.cycles / chip.clock_hz, "compiler cycles"
+    elif compiler_s > 0:
         step_s, source = compiler_s, "compiler"
     else:
         compute = max(flops, model_flops / chips)
@@ -222,6 +236,7 @@ def summarise(config, topology: str, mesh_shape: dict, memory, cost: dict, hlo_t
         temp_bytes=int(memory.temp_size_in_bytes), code_bytes=int(memory.generated_code_size_in_bytes),
         hbm_bytes=chip.hbm_bytes, compiler_flops_per_chip=flops, bytes_accessed_per_chip=accessed,
         loops=hlo_text.count(" while("), model_flops_per_step=model_flops,
+        compiler_cycles=cycles.cycles if cycles else 0, loop_trips=cycles.trip_counts if cycles else (),
         estimated_step_s=step_s, step_time_source=source, lower_s=lower_s, compile_s=compile_s)
 
 

@@ -91,6 +91,9 @@ def test_cli_compiles_the_tiny_seq2seq_step_for_a_v5e_slice(compilation_cache):
     # Scanned layers are loops, whose bodies XLA counts once: below a chip's quarter of the model's FLOPs.
     assert report["loops"] >= 2 and 0 < report["compiler_flops_per_chip"] < report["model_flops_per_step"] / 4
     assert report["estimated_step_s"] > 0 and 0 < report["estimated_mfu"] < 1
+    # The step time is libtpu's own cycle estimate, with the decoder's 2 scanned layers run twice (forward, backward).
+    assert report["step_time_source"] == "compiler cycles" and report["loop_trips"].count(2) == 2
+    assert report["estimated_step_s"] == pytest.approx(report["compiler_cycles"] / 1.5e9)
     assert "per-chip memory" in result.stdout
 
 
