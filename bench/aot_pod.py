@@ -26,13 +26,15 @@ RECIPES = (
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="Only recipes whose config name contains this.")
+    parser.add_argument("--hlo_dir", default="", help="Also write each compiled step's HLO text here.")
     args = parser.parse_args()
     reports = []
     for name, topology in RECIPES:
         if args.only not in name:
             continue
         config = importlib.import_module(f"configs.{name}").get_config("")
-        report = aot.compile_for_topology(config, topology)
+        hlo_path = os.path.join(args.hlo_dir, f"{name}_{topology.replace(':', '_')}.hlo.txt") if args.hlo_dir else None
+        report = aot.compile_for_topology(config, topology, hlo_path=hlo_path)
         print(f"configs/{name}.py: {report.text()}", flush=True)
         reports.append(dict(config=f"configs/{name}.py", **report.as_dict()))
     print(json.dumps({"reports": reports}))

@@ -183,7 +183,8 @@ def _cost(analysis) -> dict:
     return analysis[0] if isinstance(analysis, (list, tuple)) else analysis
 
 
-def compile_for_topology(config: ml_collections.ConfigDict, topology: str) -> Report:
+def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, hlo_path: str | None = None) -> Report:
+    """Compiles the train step for `topology` and reports on it; `hlo_path`, if given, receives the optimised HLO."""
     chip_name(topology)
     devices = topology_devices(topology)
     mesh = parallel.make_mesh(config.mesh, devices)
@@ -198,8 +199,12 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str) -> Re
         raise DoesNotFit(f"The {config.trainer} train step does not fit on {topology} at a global batch of "
                          f"{config.data.batch_size}; XLA says: {str(e).strip().splitlines()[-1]} {_FIXES}") from e
     compiled_at = time.perf_counter()
+    hlo_text = compiled.as_text()
+    if hlo_path:
+        with open(hlo_path, "w") as f:
+            f.write(hlo_text)
     return summarise(config, topology, dict(mesh.shape), compiled.memory_analysis(),
-                     _cost(compiled.cost_analysis()), compiled.as_text(), lower_s=lowered_at - start,
+                     _cost(compiled.cost_analysis()), hlo_text, lower_s=lowered_at - start,
                      compile_s=compiled_at - lowered_at)
 
 
