@@ -28,7 +28,7 @@ setup(
         "numpy>=2.0,<3",
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4"],  # -n 2: test files run in two workers
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "filelock>=3.12,<5"],  # -n 2: two workers; shared runs
         # Interop tests: the other frameworks' own modules. taming-transformers-rom1504 is installed apart, with
         # --no-deps (see the Makefile): its declared deps pull torchvision and a newer torch, its modules need neither.
         "torch": ["torch==2.13.0", "min-dalle==0.4.11", "diffusers>=0.42,<0.43", "einops>=0.8,<0.9",

@@ -1,6 +1,8 @@
 """Shared fixtures: a tiny captioned_shapes dataset prepared once per session, a compilation cache shared by every
 process of the session, and the environment of the subprocesses tests start."""
+import json
 import os
+import shutil
 
 # Tests compile as users do: LLVM optimisation level 0 compiled the tiny programs 2-4x faster, but the 8-device VQGAN
 # run then left the 1-device one by 5% at a GAN-phase step (a hinge flipping on a last-digit difference). One explicit
@@ -21,15 +23,35 @@ CACHE_SETTINGS = dict(jax_persistent_cache_min_compile_time_secs=0.5, jax_persis
                       jax_compilation_cache_max_size=1 << 40)
 
 
+def session_root(tmp_path_factory):
+    """The session's temporary directory, shared by every xdist worker (each has its own directory below it)."""
+    root = tmp_path_factory.getbasetemp()
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+def once_per_session(tmp_path_factory, name: str, build) -> tuple[str, dict]:
+    """(work directory, figures) of `build(work directory)`, run once for the whole session by whichever worker
+    asks first; a worker that asks meanwhile waits for it. For the trainers' reference runs, which the single- and
+    multi-device test units both compare against but which xdist may hand to different workers. Readers must not
+    write into the directory."""
+    from filelock import FileLock
+
+    root = session_root(tmp_path_factory)
+    workdir, figures = root / name, root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not figures.exists():
+            shutil.rmtree(workdir, ignore_errors=True)
+            workdir.mkdir()
+            figures.write_text(json.dumps(build(str(workdir))))
+    return str(workdir), json.loads(figures.read_text())
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """One persistent XLA cache for the session, shared by both xdist workers and the subprocesses of either, so a
     program compiled anywhere in the session is compiled once. (The key covers the program, devices, jax version
     and XLA flags, so a hit is the same executable.)"""
-    root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = root.parent  # the session's directory, above each worker's own
-    path = root / "xla_cache"
+    path = session_root(tmp_path_factory) / "xla_cache"
     path.mkdir(exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(path))
     for name, value in CACHE_SETTINGS.items():
@@ -39,15 +61,17 @@ def compilation_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def shapes_data_dir(tmp_path_factory):
-    """A data_dir holding captioned_shapes 32x32 with the tiny config's split sizes, prepared once."""
+    """A data_dir holding captioned_shapes 32x32 with the tiny config's split sizes, prepared once per session."""
     import ml_collections
     from dalle_jax.data import sources
 
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
-    data = ml_collections.ConfigDict(dict(dataset="captioned_shapes", folder="", data_dir=data_dir, image_size=32,
-                                          shapes_split_sizes=TINY_SPLITS, image_key="image", text_key="caption"))
-    sources.prepare(data)
-    return data_dir
+    def build(data_dir):
+        sources.prepare(ml_collections.ConfigDict(dict(
+            dataset="captioned_shapes", folder="", data_dir=data_dir, image_size=32, shapes_split_sizes=TINY_SPLITS,
+            image_key="image", text_key="caption")))
+        return {}
+
+    return once_per_session(tmp_path_factory, "tfds", build)[0]
 
 
 def subprocess_env(compilation_cache: str, devices: int = 1) -> dict:

@@ -1,6 +1,7 @@
 """The Python API: loading a seq2seq work directory once, prompts -> images, batching and determinism."""
 import dataclasses
 import os
+import pickle
 import shutil
 import warnings
 
@@ -17,14 +18,12 @@ from dalle_jax.pipeline import TextToImage
 from dalle_jax.sampling import SamplingSettings
 from dalle_jax.trainers import encode_stage, seq2seq_step, text_stage, vqgan_load
 from dalle_jax.training import checkpointing, workdir as workdir_lib
+from tests.conftest import once_per_session
 from tests.trainers.test_encode_stage import filled, filled_state, save_checkpoint
 
 STEPS = (4, 12)  # checkpoints of the tiny run, holding different parameters
 PROMPTS = ["a small red circle in the top left", "a green triangle above a purple circle"]
 SETTINGS = dict(temperature=1.2, top_k=16, top_p=0.95, cond_scale=3.0)
-_BUILT = {}
-
-
 def build_workdir(root: str, data_dir: str) -> dict:
     """A VQGAN work directory and a seq2seq work directory made the way the trainers make them (config, encoded
     records, tokenizer, orbax checkpoints of the trainer's state), with seeded random parameters instead of
@@ -69,10 +68,17 @@ def build_workdir(root: str, data_dir: str) -> dict:
 
 @pytest.fixture(scope="module")
 def sampling_workdir(tmp_path_factory, shapes_data_dir, compilation_cache):
-    """Built once per session (pytest registers this fixture again in each module that imports it)."""
-    if shapes_data_dir not in _BUILT:
-        _BUILT[shapes_data_dir] = build_workdir(str(tmp_path_factory.mktemp("sampling")), shapes_data_dir)
-    return _BUILT[shapes_data_dir]
+    """Built once per session, by whichever xdist worker asks first (pytest registers this fixture again in each
+    module that imports it)."""
+    def build(root):
+        built = build_workdir(root, shapes_data_dir)
+        with open(os.path.join(root, "params.pkl"), "wb") as f:
+            pickle.dump(built.pop("params"), f)
+        return built
+
+    root, built = once_per_session(tmp_path_factory, "sampling", build)
+    with open(os.path.join(root, "params.pkl"), "rb") as f:
+        return dict(built, params=pickle.load(f))
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from dalle_jax.data import text as text_lib, token_records
 from dalle_jax.training import workdir as workdir_lib
 from dalle_jax.training.metrics import read_metrics
 from tests import multihost_runs
-from tests.conftest import REPO, TINY_SPLITS
+from tests.conftest import REPO, TINY_SPLITS, once_per_session
 from tests.trainers.test_encode_stage import filled_state, save_checkpoint
 
 
@@ -21,10 +21,13 @@ def vqgan_workdir(tmp_path_factory, shapes_data_dir, compilation_cache):
     config = shapes_vqgan.get_config("tiny")
     config.data.data_dir = shapes_data_dir
     config.model.ch_mult = (1, 2, 2)
-    workdir = str(tmp_path_factory.mktemp("vqgan"))
-    workdir_lib.save_config(config, workdir)
-    save_checkpoint(config, workdir, 5, filled_state(config, parallel.make_mesh(config.mesh), seed=0))
-    return workdir
+
+    def build(workdir):
+        workdir_lib.save_config(config, workdir)
+        save_checkpoint(config, workdir, 5, filled_state(config, parallel.make_mesh(config.mesh), seed=0))
+        return {}
+
+    return once_per_session(tmp_path_factory, "seq2seq_vqgan", build)[0]
 
 
 def tiny_config(data_dir, vqgan_workdir):
@@ -41,9 +44,8 @@ def train_losses(workdir):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, shapes_data_dir, vqgan_workdir):
     from dalle_jax.trainers import seq2seq
-    workdir = str(tmp_path_factory.mktemp("dalle_full"))
-    final = seq2seq.train(tiny_config(shapes_data_dir, vqgan_workdir), workdir)
-    return workdir, final
+    return once_per_session(tmp_path_factory, "dalle_full",
+                            lambda workdir: seq2seq.train(tiny_config(shapes_data_dir, vqgan_workdir), workdir))
 
 
 def test_tiny_run_learns_and_records_everything(full_run):

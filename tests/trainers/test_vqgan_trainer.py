@@ -8,7 +8,7 @@ import pytest
 from configs import shapes_vqgan
 from dalle_jax.training.metrics import read_metrics
 from tests import multihost_runs
-from tests.conftest import REPO, TINY_SPLITS
+from tests.conftest import REPO, TINY_SPLITS, once_per_session
 
 
 def tiny_config(data_dir):
@@ -24,9 +24,8 @@ def train_losses(workdir):
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, shapes_data_dir, compilation_cache):
     from dalle_jax.trainers import vqgan
-    workdir = str(tmp_path_factory.mktemp("vqgan_full"))
-    final = vqgan.train(tiny_config(shapes_data_dir), workdir)
-    return workdir, final
+    return once_per_session(tmp_path_factory, "vqgan_full",
+                            lambda workdir: vqgan.train(tiny_config(shapes_data_dir), workdir))
 
 
 def test_tiny_run_learns_and_records_everything(full_run):
