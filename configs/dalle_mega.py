@@ -8,7 +8,7 @@ moments. Compiled ahead of time at a global batch of 2048 (README, "Training on 
 """
 import ml_collections
 
-from configs import seq2seq_common
+from configs import common, seq2seq_common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -20,6 +20,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.checkpoint_every = 1000  # Steps between checkpoints.
     config.mesh.data = 1  # The batch is split over fsdp.
     config.mesh.fsdp = -1  # Parameters and optimizer state sharded over every device.
+    config.tpu_compiler_options = common.fsdp_tpu_compiler_options()  # On TPUs: gather weights, then multiply.
     config.data.image_size = 256  # Images the VQGAN was trained on.
     config.data.batch_size = 2048  # Global batch size.
     config.data.eval_batch_size = 2048  # Global evaluation batch.

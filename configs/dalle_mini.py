@@ -7,7 +7,7 @@ device (FSDP); compute is bf16 over f32 master weights. Compiled ahead of time f
 """
 import ml_collections
 
-from configs import seq2seq_common
+from configs import common, seq2seq_common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -19,6 +19,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.checkpoint_every = 2000  # Steps between checkpoints.
     config.mesh.data = 1  # The batch is split over fsdp.
     config.mesh.fsdp = -1  # Parameters and optimizer state sharded over every device.
+    config.tpu_compiler_options = common.fsdp_tpu_compiler_options()  # On TPUs: gather weights, then multiply.
     config.data.image_size = 256  # Images the VQGAN was trained on.
     config.data.batch_size = 1024  # Global batch size.
     config.data.eval_batch_size = 1024  # Global evaluation batch.

@@ -135,11 +135,15 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
-def jit_sharded_step(step_fn: Callable, state_shardings, mesh: Mesh):
+def jit_sharded_step(step_fn: Callable, state_shardings, mesh: Mesh, tpu_compiler_options=None):
     """`step_fn(state, batch) -> (state, metrics)` compiled with explicit shardings: state as `state_shardings`
-    (donated, updated in place), batch split over the batch axes, metrics replicated."""
+    (donated, updated in place), batch split over the batch axes, metrics replicated. `tpu_compiler_options`
+    (libtpu's XLA flags, e.g. {"xla_tpu_enable_windowed_einsum_for_all_gather": False}) apply on TPU meshes
+    only, real or compile-only; other backends do not know them."""
+    on_tpu = mesh.devices.flat[0].platform == "tpu"
+    options = dict(tpu_compiler_options) if on_tpu and tpu_compiler_options else None
     return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding(mesh)),
-                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0)
+                   out_shardings=(state_shardings, replicated(mesh)), donate_argnums=0, compiler_options=options)
 
 
 def init_sharded(init_fn: Callable[[], Any], shardings) -> Any:

@@ -7,8 +7,9 @@ costs the sum over the entry computation, where a `while` adds its body and cond
 instruction carries their cost. Nothing overlaps in this sum, so asynchronous collectives that the schedule hides
 behind compute are counted in full; the estimate errs on the slow side.
 
-A loop's iteration count is read from its condition, `counter < N` with the counter starting at 0, which is what
-`lax.scan` and `fori_loop(0, N)` compile to. A loop written any other way has no count here, and neither has the
+A loop's iteration count is N - start for a condition `counter < N`, where N is a constant and start is the
+counter's constant initial value in the tuple the loop is given (through copies): what `lax.scan`, `fori_loop` and
+XLA's own windowed-matmul loops compile to. A loop written any other way has no count here, and neither has the
 program: `program_cycles` returns None rather than a figure that counts it once.
 """
 from __future__ import annotations
@@ -18,12 +19,15 @@ import re
 
 _HEADER = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{$")
 _CYCLES = re.compile(r'"estimated_cycles":"(\d+)"')
-_WHILE = re.compile(r" while\(.*condition=%([\w.\-]+), body=%([\w.\-]+)")
+_WHILE = re.compile(r" while\(%([\w.\-]+)\), condition=%([\w.\-]+), body=%([\w.\-]+)")
 _CALL = re.compile(r" call\(.*to_apply=%([\w.\-]+)")
 _BRANCHES = re.compile(r" conditional\(.*branch_computations=\{([^}]*)\}")
-_CONSTANT = re.compile(r"%([\w.\-]+) = s(?:32|64)\[\]\S* constant\((-?\d+)\)")
+_DEFINITION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = ")
+_CONSTANT = re.compile(r"%([\w.\-]+) = [su](?:32|64)\[\]\S* constant\((-?\d+)\)")
+_COPY = re.compile(r" = [su](?:32|64)\[\]\S* copy\(%([\w.\-]+)\)")
+_TUPLE = re.compile(r" tuple\((.*?)\)(?:, [a-z_]+=|$)")
 _COUNTER_LT = re.compile(r"ROOT %[\w.\-]+ = pred\[\]\S* compare\(%([\w.\-]+), %([\w.\-]+)\), direction=LT")
-_COUNTER = re.compile(r"%([\w.\-]+) = s(?:32|64)\[\]\S* get-tuple-element\(%[\w.\-]+\), index=(\d+)")
+_COUNTER = re.compile(r"%([\w.\-]+) = [su](?:32|64)\[\]\S* get-tuple-element\(%[\w.\-]+\), index=(\d+)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,15 +56,40 @@ def computations(hlo_text: str) -> tuple[str, dict[str, list[str]]]:
     return entry, bodies
 
 
-def trip_count(condition: list[str]) -> int | None:
-    """N for a loop condition `ROOT compare(get-tuple-element(param), constant(N)), direction=LT`, else None."""
+def loop_limit(condition: list[str]) -> tuple[int, int] | None:
+    """(index of the counter in the loop's tuple, N) for a condition `ROOT compare(get-tuple-element(param, index),
+    constant(N)), direction=LT`, else None."""
     constants = {m.group(1): int(m.group(2)) for m in map(_CONSTANT.search, condition) if m}
-    counters = {m.group(1) for m in map(_COUNTER.search, condition) if m}
+    counters = {m.group(1): int(m.group(2)) for m in map(_COUNTER.search, condition) if m}
     for line in condition:
         compare = _COUNTER_LT.search(line)
         if compare and compare.group(1) in counters and compare.group(2) in constants:
-            return constants[compare.group(2)]
+            return counters[compare.group(1)], constants[compare.group(2)]
     return None
+
+
+def _constant_value(name: str, definitions: dict[str, str]) -> int | None:
+    """The value of a scalar integer constant named directly or through copies, within one computation."""
+    for _ in range(len(definitions) + 1):
+        line = definitions.get(name, "")
+        if (constant := _CONSTANT.search(line)) is not None:
+            return int(constant.group(2))
+        if (copy := _COPY.search(line)) is None:
+            return None
+        name = copy.group(1)
+    return None
+
+
+def trip_count(operand: str, condition: list[str], definitions: dict[str, str]) -> int | None:
+    """Iterations of a loop given the tuple `operand` (defined in `definitions`, its caller's instructions)."""
+    limit = loop_limit(condition)
+    tuple_args = _TUPLE.search(definitions.get(operand, ""))
+    if limit is None or tuple_args is None:
+        return None
+    index, n = limit
+    args = [a.split("*/")[-1].strip().lstrip("%") for a in tuple_args.group(1).split(",")]
+    start = _constant_value(args[index], definitions) if index < len(args) else None
+    return None if start is None else max(n - start, 0)
 
 
 def program_cycles(hlo_text: str) -> ProgramCycles | None:
@@ -71,12 +100,13 @@ def program_cycles(hlo_text: str) -> ProgramCycles | None:
 
     def cost(name: str) -> int | None:
         total = 0
+        definitions = {m.group(1): line for line in bodies[name] if (m := _DEFINITION.match(line))}
         for line in bodies[name]:
             if (cycles := _CYCLES.search(line)) is not None:
                 total += int(cycles.group(1))
             if (loop := _WHILE.search(line)) is not None:
-                condition, body = loop.groups()
-                n = trip_count(bodies[condition])
+                operand, condition, body = loop.groups()
+                n = trip_count(operand, bodies[condition], definitions)
                 if n is None:
                     return None
                 trips.append(n)

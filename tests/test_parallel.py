@@ -1,5 +1,6 @@
 """Mesh construction and the logical-axis rules."""
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -66,3 +67,16 @@ def test_global_batch_round_trip_on_one_device():
     local = {"image": np.arange(24, dtype=np.uint8).reshape(2, 3, 4)}
     out = parallel.global_batch(local, mesh)
     np.testing.assert_array_equal(jax.device_get(out["image"]), local["image"])
+
+
+def test_tpu_compiler_options_are_left_out_on_other_backends():
+    """XLA:CPU refuses libtpu's flags, so a recipe that sets them still trains on CPU meshes."""
+    options = {"xla_tpu_enable_windowed_einsum_for_all_gather": False}
+    with pytest.raises(Exception, match="No such compile option"):
+        jax.jit(lambda x: x + 1, compiler_options=options)(jnp.ones(2))
+    mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), jax.devices()[:1])
+    state_sharding = parallel.replicated(mesh)
+    step = parallel.jit_sharded_step(lambda state, batch: (state + batch["x"].sum(), {"n": state}), state_sharding,
+                                     mesh, options)
+    state, metrics = step(jnp.zeros(()), {"x": jnp.ones((4,))})
+    assert float(state) == 4.0 and float(metrics["n"]) == 0.0

@@ -119,7 +119,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
 def jit_train_step(setup: seq2seq_step.Setup, shardings, mesh):
     """The train step compiled with explicit shardings, donating the old state (also lowered ahead of time by
     dalle_jax.aot for a TPU topology)."""
-    return parallel.jit_sharded_step(functools.partial(seq2seq_step.train_step, setup), shardings, mesh)
+    return parallel.jit_sharded_step(functools.partial(seq2seq_step.train_step, setup), shardings, mesh,
+                                     setup.config.get("tpu_compiler_options"))
 
 
 def batch_shapes(config: ml_collections.ConfigDict) -> dict:
