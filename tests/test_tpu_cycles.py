@@ -35,16 +35,22 @@ def _loop(name: str, limit: str, body_cycles: int, inner: str = "", compare: str
 """
 
 
-def _while(name: str) -> str:
-    return (f"  %while.{name} = (s32[]{{:T(128)}}, f32[8]{{0:T(256)}}) while(%t0), condition=%cond.{name}, "
+def _while(name: str, start: str, data: str) -> str:
+    """The loop's tuple, its counter starting at `start` (an instruction name), then the loop."""
+    return (f"  %t0.{name} = (s32[]{{:T(128)}}, f32[8]{{0:T(256)}}) tuple(%{start}, %{data})\n"
+            f"  %while.{name} = (s32[]{{:T(128)}}, f32[8]{{0:T(256)}}) while(%t0.{name}), condition=%cond.{name}, "
             f"body=%body.{name}, metadata={{op_name=\"jit(step)/while\"}}\n")
 
 
-def _program(*, limit="6", compare="compare(%i.{n}, %limit.{n})") -> str:
-    """ENTRY (40 cycles of its own) runs loop `outer` `limit` times; each outer body (100 cycles) runs loop `inner`
-    3 times (20 cycles a body); a conditional takes the costlier of its two called computations (7 or 9 cycles)."""
-    inner_loop = _loop("inner", "3", 20)
-    outer_loop = _loop("outer", limit, 100, inner=_while("inner"), compare=compare)
+def _program(*, limit="6", compare="compare(%i.{n}, %limit.{n})", outer_start="zero.1", inner_start="1") -> str:
+    """ENTRY (40 cycles of its own) runs loop `outer` `limit` times (from `outer_start`); each outer body (100 cycles)
+    runs loop `inner` 4 - `inner_start` times (20 cycles a body), its counter's start reached through a copy; a
+    conditional takes the costlier of its two called computations (7 or 9 cycles)."""
+    inner_setup = (f"  %start.inner = s32[]{{:T(128)}} constant({inner_start}), metadata={{op_name=\"x\"}}\n"
+                   "  %copy.inner = s32[]{:T(128)} copy(%start.inner), backend_config={\"estimated_cycles\":\"0\"}\n")
+    inner_loop = _loop("inner", "4", 20)
+    outer_loop = _loop("outer", limit, 100, inner=inner_setup + _while("inner", "copy.inner", "x.outer"),
+                       compare=compare)
     branches = """
 %branch.a (a.1: f32[8]) -> f32[8] {
   %a.1 = f32[8]{0:T(256)} parameter(0)
@@ -61,8 +67,8 @@ ENTRY %main.12_spmd (x.1: f32[8], k.1: s32[]) -> f32[8] {{
   %x.1 = f32[8]{{0:T(256)}} parameter(0)
   %k.1 = s32[]{{:T(128)}} parameter(1)
   %fusion.9 = f32[8]{{0:T(256)}} fusion(%x.1), kind=kLoop, calls=%fused_computation.7, backend_config={{"estimated_cycles":"40"}}
-  %t0 = (s32[]{{:T(128)}}, f32[8]{{0:T(256)}}) tuple(%k.1, %fusion.9)
-{_while("outer")}  %conditional.1 = f32[8]{{0:T(256)}} conditional(%k.1, %x.1, %x.1), branch_computations={{%branch.a, %branch.b}}
+  %zero.1 = s32[]{{:T(128)}} constant(0)
+{_while("outer", outer_start, "fusion.9")}  %conditional.1 = f32[8]{{0:T(256)}} conditional(%k.1, %x.1, %x.1), branch_computations={{%branch.a, %branch.b}}
   ROOT %r = f32[8]{{0:T(256)}} copy(%conditional.1)
 }}
 """
@@ -76,9 +82,14 @@ def test_loops_count_once_per_iteration_and_fusions_by_their_own_figure():
     assert result.trip_counts == (6, 3)
 
 
+def test_a_counter_that_starts_above_zero_runs_fewer_times():
+    assert tpu_cycles.program_cycles(_program(inner_start="2")).cycles == 40 + 6 * (100 + 2 * 20 + 3 * 1) + 7 + 9
+
+
 def test_a_loop_whose_count_cannot_be_read_gives_no_estimate():
     assert tpu_cycles.program_cycles(_program(compare="compare(%limit.{n}, %i.{n})")) is None  # not counter < N
-    assert tpu_cycles.program_cycles(_program(limit="%k.1")) is None
+    assert tpu_cycles.program_cycles(_program(limit="%k.1")) is None  # no constant limit
+    assert tpu_cycles.program_cycles(_program(outer_start="k.1")) is None  # the start is a parameter
 
 
 def test_a_program_compiled_for_another_backend_has_no_estimate():
