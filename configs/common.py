@@ -45,10 +45,15 @@ def faults_config() -> ml_collections.ConfigDict:
 
 
 def fsdp_tpu_compiler_options() -> ml_collections.ConfigDict:
-    """libtpu flags for FSDP recipes: no windowed einsums. By default XLA overlaps each sharded weight's all-gather
-    with its matmul by looping over the weight's shards and adding each partial product into the whole activation,
-    which it then reads and writes once per shard. For DalleBart's large activations and small weight shards the
-    TPU compiler's own cycle estimates put that at 2.6x the time of gathering the weight first (DALL·E mini, 2+2
-    layers, v5e:4x4: 257 ms against 98 ms per step)."""
+    """libtpu flags for FSDP recipes, each measured with the TPU compiler's own cycle estimates (`dalle_jax.aot`).
+
+    No windowed einsums: by default XLA overlaps each sharded weight's all-gather with its matmul by looping over
+    the weight's shards and adding each partial product into the whole activation, which it then reads and writes
+    once per shard; for DalleBart's large activations and small weight shards that took 2.6x the time of gathering
+    the weight first (DALL·E mini, 2+2 layers, v5e:4x4: 257 ms against 98 ms per step).
+    All-gathers as all-gathers: otherwise XLA gathers the layer's weights by zero-filling a weight-sized buffer per
+    weight, writing its shard in and all-reducing, which cost a quarter of DALL·E mega's step on v5e:16x16 (292 ms
+    against 223 ms per step)."""
     return ml_collections.ConfigDict({"xla_tpu_enable_windowed_einsum_for_all_gather": False,
-                                      "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False})
+                                      "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+                                      "xla_tpu_prefer_async_allgather_to_allreduce": True})
