@@ -1,6 +1,6 @@
 """Compiles every pod recipe for its TPU topologies on this machine and prints the AOT figures:
-`.venv-tpu/bin/python bench/aot_pod.py [--only dalle_mega]` (needs `make tpu-venv`; a mega compile for 256 chips
-takes several minutes of CPU).
+`.venv-tpu/bin/python bench/aot_pod.py [--only dalle_mega]` (needs `make tpu-venv`; about 20 minutes
+on 2 cores, a mega compile for 256 chips 2-4 of them). `--hlo_dir DIR` also keeps each compiled step's HLO.
 
 For each recipe and topology: per-chip memory against HBM, matmul FLOPs, estimated step time and MFU (see
 dalle_jax/aot.py for how each figure is obtained); the final line is one JSON object with every report.

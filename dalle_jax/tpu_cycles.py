@@ -1,11 +1,11 @@
 """The TPU compiler's own step-time estimate, read from a compiled program's optimised HLO.
 
-libtpu schedules every top-level instruction (a fusion, a collective, a copy) with an `"estimated_cycles"` entry in
-its backend config: its cost model's cycle count for that instruction on one TensorCore. One run of the program
-costs the sum over the entry computation, where a `while` adds its body and condition once per iteration and a
-`call` or `conditional` adds what it calls (the costlier branch). Fused computations are not entered: the fusion
-instruction carries their cost. Nothing overlaps in this sum, so asynchronous collectives that the schedule hides
-behind compute are counted in full; the estimate errs on the slow side.
+libtpu gives the scheduled top-level instructions that compute (fusions, copies, broadcasts) an `"estimated_cycles"`
+entry in their backend config: its cost model's cycle count for that instruction on one TensorCore. One run of the
+program costs the sum over the entry computation, where a `while` adds its body and condition once per iteration
+and a `call` or `conditional` adds what it calls (the costlier branch). Fused computations are not entered: the
+fusion instruction carries their cost. Collectives carry no figure, so the sum assumes they hide behind compute;
+and nothing in it overlaps.
 
 A loop's iteration count is N - start for a condition `counter < N`, where N is a constant and start is the
 counter's constant initial value in the tuple the loop is given (through copies): what `lax.scan`, `fori_loop` and
@@ -96,6 +96,8 @@ def program_cycles(hlo_text: str) -> ProgramCycles | None:
     """The estimated cycles of one run of a compiled TPU program; None when it carries no estimates (it was not
     compiled for a TPU) or has a loop whose iteration count cannot be read."""
     entry, bodies = computations(hlo_text)
+    if not _CYCLES.search(hlo_text):
+        return None
     trips: list[int] = []
 
     def cost(name: str) -> int | None:
@@ -127,6 +129,6 @@ def program_cycles(hlo_text: str) -> ProgramCycles | None:
         return total
 
     total = cost(entry)
-    if total is None or not _CYCLES.search(hlo_text):
+    if total is None:
         return None
     return ProgramCycles(cycles=total, trip_counts=tuple(trips))

@@ -24,6 +24,8 @@ from tests.trainers.test_encode_stage import filled, filled_state, save_checkpoi
 STEPS = (4, 12)  # checkpoints of the tiny run, holding different parameters
 PROMPTS = ["a small red circle in the top left", "a green triangle above a purple circle"]
 SETTINGS = dict(temperature=1.2, top_k=16, top_p=0.95, cond_scale=3.0)
+
+
 def build_workdir(root: str, data_dir: str) -> dict:
     """A VQGAN work directory and a seq2seq work directory made the way the trainers make them (config, encoded
     records, tokenizer, orbax checkpoints of the trainer's state), with seeded random parameters instead of
