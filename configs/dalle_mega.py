@@ -38,6 +38,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model.dtype = "bfloat16"  # bf16 compute.
     config.model.param_dtype = "float32"  # f32 master weights.
     config.model.remat = "dots"  # Keep the projections' outputs, recompute the rest (fits v5e:16x16 and v4:4x4x4).
+    config.model.layer_norm_variance = "one_pass"  # mean(x^2) - mean^2: one pass over x per norm on TPUs.
     config.optimizer.name = "adafactor"  # Factored second moments: far less optimizer memory than AdamW.
     config.optimizer.b1 = 0.0  # No first moment.
     config.optimizer.learning_rate = 1e-4  # Peak learning rate.

@@ -37,6 +37,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.model.dtype = "bfloat16"  # bf16 compute.
     config.model.param_dtype = "float32"  # f32 master weights.
     config.model.remat = "dots"  # Keep projection outputs, recompute attention on the backward pass.
+    config.model.layer_norm_variance = "one_pass"  # mean(x^2) - mean^2: one pass over x per norm on TPUs.
     config.optimizer.learning_rate = 5e-5  # Peak learning rate.
     config.optimizer.warmup_steps = 5000  # Linear warmup steps.
     config.optimizer.schedule = "linear"  # Linear decay to 0.

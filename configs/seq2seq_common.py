@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.remat = "none"  # Rematerialisation per layer: "none", "dots" or "full".
     config.model.vocab_multiple = 128  # The output head is padded to a multiple of this (for sharding).
     config.model.image_positions = "flat"  # "flat" (DALL·E mini's) or "rows_cols" (row + column embeddings).
+    config.model.layer_norm_variance = "two_pass"  # "two_pass" (torch's) or "one_pass" (fewer passes on TPUs).
 
     config.loss = ml_collections.ConfigDict()
     config.loss.label_smoothing = 0.0  # Label-smoothing mass spread over the codebook.
