@@ -3,7 +3,7 @@
 d_model 2048, 24 + 24 layers, 32 heads, GLU 4096, 64 text tokens over a 50,272-token vocabulary, 256 image tokens
 with 16,415 image ids (a 16,384-code VQGAN; the ids above the codebook are never targets). FSDP over every device,
 bf16 compute over f32 master weights, rematerialisation of everything but the projections and Adafactor's factored
-moments. Compiled ahead of time at a global batch of 2048 (README, "Training on a TPU pod"): 3.6 GiB per chip of
+moments. Compiled ahead of time at a global batch of 2048 (README, "Training on a TPU pod"): 3.9 GiB per chip of
 16 on v5e:16x16, 15.5 GiB of 32 on v4:4x4x4.
 """
 import ml_collections
