@@ -65,7 +65,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{field}={cfg[field]!r} is unknown; use one of {tuple(DTYPES)}.")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"config.dropout={cfg.dropout} must be in [0, 1).")
-    variance = cfg.get("layer_norm_variance", OPTIONAL_FIELDS["layer_norm_variance"])
+    variance = layer_norm_variance(cfg)
     if variance not in LAYER_NORM_VARIANCES:
         raise ValueError(f"config.layer_norm_variance={variance!r} is unknown; use one of {LAYER_NORM_VARIANCES}.")
     positions = image_positions(cfg)
@@ -84,11 +84,14 @@ def image_positions(cfg: ml_collections.ConfigDict) -> str:
     return str(cfg.get("image_positions", OPTIONAL_FIELDS["image_positions"]))
 
 
-def layer_norm_options(cfg: ml_collections.ConfigDict) -> dict:
+def layer_norm_variance(cfg: ml_collections.ConfigDict) -> str:
     """How every LayerNorm computes its variance: "two_pass" (torch's, the default) or "one_pass" (faster on TPUs;
     equal up to float32 rounding for activations whose mean is not far larger than their spread)."""
-    variance = cfg.get("layer_norm_variance", OPTIONAL_FIELDS["layer_norm_variance"])
-    return dict(one_pass_variance=variance == "one_pass")
+    return str(cfg.get("layer_norm_variance", OPTIONAL_FIELDS["layer_norm_variance"]))
+
+
+def layer_norm_options(cfg: ml_collections.ConfigDict) -> dict:
+    return dict(one_pass_variance=layer_norm_variance(cfg) == "one_pass")
 
 
 def _check_ids(name: str, ids: jax.Array, max_length: int, field: str) -> None:
