@@ -35,6 +35,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.blank_caption_prob = 0.1  # Chance a training caption is replaced by "" (for guidance).
     # Chance a training example uses its first (canonical) caption; otherwise one of all its captions at random.
     config.data.canonical_caption_prob = 0.0
+    # Chance each teacher-forced image input (after the start token) is replaced by a random code in training; the
+    # targets stay the true codes, so the model learns to take more of what it draws from the caption.
+    config.data.input_token_noise_prob = 0.0
     config.data.encode_batch_size = 64  # Global batch of the encode stage (images -> VQGAN codes).
 
     config.text = ml_collections.ConfigDict()

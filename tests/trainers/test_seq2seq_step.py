@@ -1,4 +1,5 @@
-"""The seq2seq step's pieces: gradient accumulation, caption blanking, parameter shardings on a 2x2x2 mesh."""
+"""The seq2seq step's pieces: gradient accumulation, caption blanking, input-token noise, parameter shardings on a
+2x2x2 mesh."""
 import functools
 import json
 import os
@@ -114,3 +115,42 @@ def test_caption_probabilities_outside_zero_one_fail_before_any_work(field, valu
     config.data[field] = value
     with pytest.raises(ValueError, match=f"config.data.{field}={value} must be in"):
         seq2seq_step.check_config(config)
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_input_token_noise_outside_zero_one_fails_before_any_work(value):
+    config = tiny_config()
+    config.data.input_token_noise_prob = value
+    with pytest.raises(ValueError, match=f"config.data.input_token_noise_prob={value} must be in"):
+        seq2seq_step.check_config(config)
+
+
+def test_noisy_image_inputs_keep_the_start_token_and_draw_codebook_ids():
+    vocab = 32
+    inputs = np.full((500, 64), vocab, np.int32)  # every input the start id, so each replacement shows
+    noisy = np.asarray(seq2seq_step.noisy_image_inputs(inputs, 0.3, vocab, jax.random.key(3)))
+    np.testing.assert_array_equal(noisy[:, 0], vocab)
+    replaced = noisy[:, 1:] != vocab
+    assert 0.28 < replaced.mean() < 0.32
+    assert noisy[:, 1:][replaced].min() >= 0 and noisy[:, 1:][replaced].max() < vocab
+    assert len(np.unique(noisy[:, 1:][replaced])) == vocab
+    unchanged = np.asarray(seq2seq_step.noisy_image_inputs(inputs, 0.0, vocab, jax.random.key(3)))
+    np.testing.assert_array_equal(unchanged, inputs)
+
+
+def test_input_token_noise_changes_the_training_loss_and_not_the_evaluation(compilation_cache):
+    train_losses, eval_losses = [], []
+    for prob in (0.0, 0.0, 0.5):
+        config = tiny_config()
+        config.data.input_token_noise_prob = prob
+        config.data.blank_caption_prob = 0.0
+        setup, state, _ = seq2seq_step.create(config, parallel.make_mesh(config.mesh))
+        text, codes = random_batch(config)
+        batch = dict(text_ids=text, codes=codes)
+        eval_losses.append(float(jax.jit(functools.partial(seq2seq_step.eval_step, setup))(
+            state["params"], batch)["cross_entropy"]))
+        _, metrics = jax.jit(functools.partial(seq2seq_step.train_step, setup))(state, batch)
+        train_losses.append(float(metrics["loss"]))
+    assert train_losses[0] == train_losses[1]  # no noise: the same step, draw for draw
+    assert abs(train_losses[2] - train_losses[0]) > 1e-3
+    assert eval_losses[0] == eval_losses[1] == eval_losses[2]
