@@ -4,8 +4,8 @@ State: {step, params, opt_state}. A batch holds `text_ids` (B, text_length) and 
 train step blanks captions with probability `blank_caption_prob` (so the model also learns the unconditional
 distribution that guidance needs), replaces teacher-forced image inputs by random codes with probability
 `input_token_noise_prob` (the targets stay the true codes), accumulates gradients over `accumulation_steps`
-micro-batches and applies one optimizer update. Randomness is `fold_in(seed, step)` on a branch of its own, so a resumed run draws exactly what
-an unbroken one would. An update whose loss, gradients or result are not finite is skipped (metric `nonfinite`).
+micro-batches and applies one optimizer update. Randomness is `fold_in(seed, step)` on a branch of its own, so a
+resumed run draws exactly what an unbroken one would. An update whose loss, gradients or result are not finite is skipped (metric `nonfinite`).
 """
 from __future__ import annotations
 
