@@ -17,6 +17,7 @@ from jax.sharding import Mesh
 from dalle_jax import parallel
 from dalle_jax.data import text as text_lib
 from dalle_jax.interop import min_dalle_tokenizer
+from dalle_jax.models import dalle_bart
 from dalle_jax.models.dalle_bart import DalleBart
 from dalle_jax.trainers import seq2seq_step, text_stage
 from dalle_jax.training import checkpointing, workdir as workdir_lib
@@ -102,5 +103,10 @@ def load_seq2seq(workdir: str, mesh: Mesh | None = None, *, step: int | None = N
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params,
                           shardings["params"])
     params = checkpointing.restore_params(workdir, step, target)
+    if dalle_bart.code_features(config.model):  # sampled and exported in the plain layout, which computes the same
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.model, params = dalle_bart.dense_equivalent(config.model, params)
+        setup, _, shardings = seq2seq_step.create(config, mesh, initialize=False)
+        params = jax.device_put(params, shardings["params"])
     return LoadedSeq2Seq(workdir=os.path.abspath(workdir), config=config, tokenizer=tokenizer, setup=setup,
                          params=params, shardings=shardings["params"], step=int(step))

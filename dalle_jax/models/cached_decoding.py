@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dalle_jax.models import transformer_layers as tl
-from dalle_jax.models.dalle_bart import MASKED_LOGIT, TEXT_PAD_ID, DalleBart
+from dalle_jax.models.dalle_bart import TEXT_PAD_ID, DalleBart
 from dalle_jax.parallel import constrain
 
 _STACK_METADATA = {nnx.PARTITION_NAME: tl.LAYERS_AXIS}
@@ -182,7 +182,7 @@ def decode_step(model: DalleBart, token_ids: jax.Array, position: jax.Array, cac
                          f"encode the same batch of prompts as the cache was made for.")
     decoder = model.decoder
     position = jnp.asarray(position, jnp.int32)
-    x = decoder.embed_tokens(token_ids[:, None]) + decoder.position_embeddings(position)[None, None]
+    x = decoder.embed_image_tokens(token_ids[:, None]) + decoder.position_embeddings(position)[None, None]
     x = constrain(decoder.layernorm_embedding(x), tl.EMBED_ACTIVATION)
     self_mask = (jnp.arange(model.image_length) <= position)[None, None, None, :]
 
@@ -202,6 +202,4 @@ def decode_step(model: DalleBart, token_ids: jax.Array, position: jax.Array, cac
             per_layer.append(layer_cache)
         cache = KeyValues(*(tuple(xs) for xs in zip(*per_layer)))
 
-    logits = constrain(decoder.lm_head(decoder.final_ln(x)), ("batch", "length", "vocab"))[:, 0].astype(jnp.float32)
-    is_codebook_index = jnp.arange(decoder.padded_vocab_size) < decoder.image_vocab_size
-    return jnp.where(is_codebook_index, logits, MASKED_LOGIT), cache
+    return decoder.output_logits(x)[:, 0], cache

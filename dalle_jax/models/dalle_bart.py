@@ -23,7 +23,7 @@ CONFIG_FIELDS = (
     "vocab_multiple",
 )
 # Fields that configs written before they existed may lack, with the value those configs meant.
-OPTIONAL_FIELDS = {"image_positions": "flat", "layer_norm_variance": "two_pass"}
+OPTIONAL_FIELDS = {"image_positions": "flat", "layer_norm_variance": "two_pass", "code_features": 0}
 IMAGE_POSITIONS = ("flat", "rows_cols")
 LAYER_NORM_VARIANCES = ("two_pass", "one_pass")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -71,6 +71,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     positions = image_positions(cfg)
     if positions not in IMAGE_POSITIONS:
         raise ValueError(f"config.image_positions={positions!r} is unknown; use one of {IMAGE_POSITIONS}.")
+    if code_features(cfg) < 0:
+        raise ValueError(f"config.code_features={code_features(cfg)} must be 0 (off) or the width of the codes' "
+                         "appearance features.")
     side = int(round(cfg.image_length ** 0.5))
     if positions == "rows_cols" and side * side != cfg.image_length:
         raise ValueError(f"config.image_positions='rows_cols' needs a square image grid, but "
@@ -88,6 +91,12 @@ def layer_norm_variance(cfg: ml_collections.ConfigDict) -> str:
     """How every LayerNorm computes its variance: "two_pass" (torch's, the default) or "one_pass" (faster on TPUs;
     equal up to float32 rounding for activations whose mean is not far larger than their spread)."""
     return str(cfg.get("layer_norm_variance", OPTIONAL_FIELDS["layer_norm_variance"]))
+
+
+def code_features(cfg: ml_collections.ConfigDict) -> int:
+    """Width of the fixed per-code appearance features (`models/code_features.py`) that the decoder embeds its image
+    tokens from and adds to its output head; 0: a learned embedding per code and a plain output head (DALL·E mini's)."""
+    return int(cfg.get("code_features", OPTIONAL_FIELDS["code_features"]))
 
 
 def layer_norm_options(cfg: ml_collections.ConfigDict) -> dict:
@@ -144,7 +153,14 @@ class Decoder(nnx.Module):
         self.scan_layers, self.remat = bool(cfg.scan_layers), str(cfg.remat)
         self.image_vocab_size = int(cfg.image_vocab_size)
         self.padded_vocab_size = padded_image_vocab_size(cfg.image_vocab_size, cfg.vocab_multiple)
-        self.embed_tokens = _embedding(cfg.image_vocab_size + 1, cfg.d_model, ("vocab", "embed"), **kw)
+        self.code_features_width = code_features(cfg)
+        if self.code_features_width:
+            # Filled from the training images by the trainer, then never trained (see `image_token_features`).
+            self.code_features = nnx.Param(jnp.zeros((cfg.image_vocab_size + 1, self.code_features_width), jnp.float32))
+            self.embed_features = tl.dense(self.code_features_width, cfg.d_model, (None, "embed"), **kw)
+            self.head_features = tl.dense(cfg.d_model, self.code_features_width, ("embed", None), **kw)
+        else:
+            self.embed_tokens = _embedding(cfg.image_vocab_size + 1, cfg.d_model, ("vocab", "embed"), **kw)
         if image_positions(cfg) == "rows_cols":
             self.grid_side = int(round(cfg.image_length ** 0.5))
             self.embed_rows = _embedding(self.grid_side, cfg.d_model, ("length", "embed"), **kw)
@@ -160,6 +176,28 @@ class Decoder(nnx.Module):
         self.final_ln = tl.layer_norm(cfg.d_model, **norm_kw)
         self.lm_head = tl.dense(cfg.d_model, self.padded_vocab_size, ("embed", "vocab"), **kw)
 
+    def image_token_features(self) -> jax.Array:
+        """(image_vocab_size + 1, width) fixed code features; gradients never reach them."""
+        return jax.lax.stop_gradient(self.code_features[...])
+
+    def embed_image_tokens(self, ids: jax.Array) -> jax.Array:
+        if self.code_features_width:
+            return self.embed_features(self.image_token_features()[ids].astype(self.embed_features.dtype))
+        return self.embed_tokens(ids)
+
+    def output_logits(self, x: jax.Array) -> jax.Array:
+        """Final LayerNorm and output head: (B, L, d_model) -> (B, L, padded_vocab_size) float32, columns that are
+        not codebook indices pushed to MASKED_LOGIT."""
+        x = self.final_ln(x)
+        logits = constrain(self.lm_head(x), ("batch", "length", "vocab")).astype(jnp.float32)
+        if self.code_features_width:
+            features = self.image_token_features()
+            padded = jnp.zeros((self.padded_vocab_size, features.shape[1]), jnp.float32).at[:features.shape[0]].set(
+                features)
+            logits = logits + self.head_features(x).astype(jnp.float32) @ padded.T
+        is_codebook_index = jnp.arange(self.padded_vocab_size) < self.image_vocab_size
+        return jnp.where(is_codebook_index, logits, MASKED_LOGIT)
+
     def position_embeddings(self, positions: jax.Array) -> jax.Array:
         """Row-major image positions (any shape) -> their embeddings (positions.shape + (d_model,))."""
         if hasattr(self, "embed_rows"):
@@ -169,14 +207,12 @@ class Decoder(nnx.Module):
     def __call__(self, image_input_ids: jax.Array, encoder_states: jax.Array, text_ids: jax.Array, *,
                  deterministic: bool) -> jax.Array:
         length = image_input_ids.shape[1]
-        x = self.embed_tokens(image_input_ids) + self.position_embeddings(jnp.arange(length))[None]
+        x = self.embed_image_tokens(image_input_ids) + self.position_embeddings(jnp.arange(length))[None]
         x = constrain(self.dropout(self.layernorm_embedding(x), deterministic=deterministic), tl.EMBED_ACTIVATION)
         x = tl.apply_layer_stack(
             self.layers, x, encoder_states, tl.causal_mask(length), tl.key_padding_mask(text_ids, TEXT_PAD_ID),
             scan=self.scan_layers, remat=self.remat, deterministic=deterministic)
-        logits = constrain(self.lm_head(self.final_ln(x)), ("batch", "length", "vocab")).astype(jnp.float32)
-        is_codebook_index = jnp.arange(self.padded_vocab_size) < self.image_vocab_size
-        return jnp.where(is_codebook_index, logits, MASKED_LOGIT)
+        return self.output_logits(x)
 
 
 class DalleBart(nnx.Module):
@@ -222,6 +258,25 @@ class DalleBart(nnx.Module):
         _check_ids("image_input_ids", image_input_ids, self.image_length, "image_length")
         encoder_states = self.encode(text_ids, deterministic=deterministic)
         return self.decode(image_input_ids, encoder_states, text_ids, deterministic=deterministic)
+
+
+def dense_equivalent(cfg: ml_collections.ConfigDict, params: dict) -> tuple[ml_collections.ConfigDict, dict]:
+    """A model config with `code_features` and its parameters (pure dict) -> the plain DalleBart config and
+    parameters that compute the same logits: embedding table = features @ embed kernel, output kernel += head
+    kernel @ features^T. Configs without code features come back unchanged."""
+    if not code_features(cfg):
+        return cfg, params
+    decoder = dict(params["decoder"])
+    features = jnp.asarray(decoder.pop("code_features"), jnp.float32)
+    embed_kernel = jnp.asarray(decoder.pop("embed_features")["kernel"], jnp.float32)
+    head_kernel = jnp.asarray(decoder.pop("head_features")["kernel"], jnp.float32)
+    lm_kernel = decoder["lm_head"]["kernel"]
+    padded = jnp.zeros((lm_kernel.shape[1], features.shape[1]), jnp.float32).at[:features.shape[0]].set(features)
+    decoder["embed_tokens"] = {"embedding": (features @ embed_kernel).astype(lm_kernel.dtype)}
+    decoder["lm_head"] = {"kernel": (jnp.asarray(lm_kernel, jnp.float32) + head_kernel @ padded.T).astype(lm_kernel.dtype)}
+    dense_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    dense_cfg.code_features = 0
+    return dense_cfg, dict(params, decoder=decoder)
 
 
 def train_flops_per_example(cfg: ml_collections.ConfigDict) -> float:

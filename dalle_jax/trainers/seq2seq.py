@@ -19,7 +19,7 @@ import numpy as np
 from dalle_jax import parallel
 from dalle_jax.data import pipeline, token_records
 from dalle_jax.models import dalle_bart
-from dalle_jax.trainers import encode_stage, seq2seq_samples, seq2seq_step, text_stage, vqgan_load
+from dalle_jax.trainers import code_features_stage, encode_stage, seq2seq_samples, seq2seq_step, text_stage, vqgan_load
 from dalle_jax.training import (checkpointing, init_from, loop, metrics as metrics_lib, throughput,
                                 workdir as workdir_lib)
 from dalle_jax.training.progress import Progress
@@ -33,6 +33,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         raise ValueError("config.vqgan_workdir is empty: pass the work directory of a trained VQGAN, e.g. "
                          "--config.vqgan_workdir=runs/vqgan.")
     seq2seq_step.check_config(config)
+    code_features_stage.check_config(config)
     begin = init_from.find_start(config, workdir)  # imported weights or config.init_from, checked against config
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_global_batch(config.data.batch_size, mesh)
@@ -65,6 +66,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     else:
         state, start = checkpointing.restore_or_keep(checkpointer, state, shardings, train_iter,
                                                      fall_back=config.faults.restore_fallback)
+        if start == 0 and dalle_bart.code_features(config.model):  # a fresh run measures its codes' appearance
+            state = code_features_stage.with_code_features(
+                state, code_features_stage.measure(config, train_source), shardings)
     if start >= cadence.last_step and not cadence.finishes_run:
         return None
     writer = metrics_lib.MetricsWriter(workdir)

@@ -21,9 +21,14 @@ def learning_rate_schedule(peak: float, warmup_steps: int, total_steps: int, kin
     return optax.join_schedules([warmup, after], [max(warmup_steps, 1)])
 
 
+FROZEN = ("code_features",)  # parameters no update may change (their gradient is zero; decay must spare them too)
+
+
 def _decays(params):
-    """Weight decay applies to matrices (kernels, embeddings), never to norm scales and biases."""
-    return jax.tree.map(lambda p: p.ndim >= 2, params)
+    """Weight decay applies to matrices (kernels, embeddings), never to norm scales, biases or frozen tables."""
+    def decays(path, p):
+        return p.ndim >= 2 and not any(getattr(k, "key", None) in FROZEN for k in path)
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(opt_cfg, total_steps: int, peak: float | None = None) -> optax.GradientTransformation:
