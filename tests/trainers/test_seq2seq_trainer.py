@@ -125,6 +125,7 @@ def test_user_tokenizer_is_copied_and_a_different_one_refused(full_run, tmp_path
     ("optimizer.accumulation_steps", 3, "accumulation_steps=3"),
     ("model.text_length", 2, "text_length=2"),
     ("data.blank_caption_prob", 1.5, "blank_caption_prob=1.5"),
+    ("model.code_features", 7, "set config.model.code_features=25"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, shapes_data_dir, vqgan_workdir, field, value, message):
     from dalle_jax.trainers import seq2seq
@@ -134,6 +135,47 @@ def test_bad_configs_fail_before_any_work(tmp_path, shapes_data_dir, vqgan_workd
     with pytest.raises(ValueError, match=message):
         seq2seq.train(config, str(tmp_path / "bad"))
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
+
+
+def test_code_features_need_the_shapes_palette(shapes_data_dir, vqgan_workdir):
+    from dalle_jax.trainers import code_features_stage
+    config = tiny_config(shapes_data_dir, vqgan_workdir)
+    config.model.code_features = 25
+    code_features_stage.check_config(config)
+    config.data.dataset = "captioned_folder"
+    with pytest.raises(ValueError, match="describes codes by the captioned_shapes palette"):
+        code_features_stage.check_config(config)
+
+
+def test_code_features_are_measured_stored_and_loaded_in_the_plain_layout(tmp_path, shapes_data_dir,
+                                                                          vqgan_workdir):
+    import jax
+    from flax import nnx
+    from dalle_jax import seq2seq_load
+    from dalle_jax.models import dalle_bart
+    from dalle_jax.trainers import code_features_stage, seq2seq, seq2seq_step
+    from dalle_jax.training import checkpointing
+    config = tiny_config(shapes_data_dir, vqgan_workdir)
+    config.model.code_features = 25
+    config.num_steps = config.eval_every = config.checkpoint_every = 4
+    workdir = str(tmp_path / "featured")
+    seq2seq.train(config, workdir)
+
+    setup, _, shardings = seq2seq_step.create(config, parallel.make_mesh(config.mesh), initialize=False)
+    abstract = nnx.eval_shape(lambda: dalle_bart.DalleBart(config.model, rngs=nnx.Rngs(params=0, dropout=0)))
+    target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
+                          nnx.state(abstract, nnx.Param).to_pure_dict(), shardings["params"])
+    stored = checkpointing.restore_params(workdir, 4, target)
+    measured = code_features_stage.measure(config, token_records.open_split(os.path.join(workdir, "encoded"), "train"))
+    np.testing.assert_array_equal(stored["decoder"]["code_features"], measured)  # measured once, never trained
+    assert measured[:32, :16].max() > 0 and measured[32, -2] == 1  # some code draws foreground; the start row
+
+    loaded = seq2seq_load.load_seq2seq(workdir)
+    assert dalle_bart.code_features(loaded.config.model) == 0
+    text = np.asarray(loaded.tokenizer.encode_batch(["a red circle", "a blue square"], config.model.text_length))
+    codes = np.random.default_rng(0).integers(0, 32, size=(2, 64)).astype(np.int32)
+    inputs = dalle_bart.teacher_forcing_inputs(jax.numpy.asarray(codes), 32)
+    np.testing.assert_allclose(loaded.model()(text, inputs), setup.model(stored)(text, inputs), atol=1e-4, rtol=1e-4)
 
 
 def cli_args(data_dir, vqgan_dir):
