@@ -63,6 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.vocab_multiple = 128  # The output head is padded to a multiple of this (for sharding).
     config.model.image_positions = "flat"  # "flat" (DALL·E mini's) or "rows_cols" (row + column embeddings).
     config.model.layer_norm_variance = "two_pass"  # "two_pass" (torch's) or "one_pass" (fewer passes on TPUs).
+    # Width of fixed per-code appearance features (models/code_features.py) that image tokens are embedded from and
+    # scored with; 0: DALL·E mini's learned table and head. Only captioned_shapes can measure them (25).
+    config.model.code_features = 0
 
     config.loss = ml_collections.ConfigDict()
     config.loss.label_smoothing = 0.0  # Label-smoothing mass spread over the codebook.

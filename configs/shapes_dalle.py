@@ -36,6 +36,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # Row + column vectors: "top", "left" and the rest are learned about twice as fast as with a vector per position
     # (judge cell accuracy 75% against 45% after 600 steps).
     model.image_positions = "rows_cols"
+    # Image tokens embedded from, and scored with, what each code draws (a foreground mask and colour shares, fixed,
+    # measured on the training images): judged on 500 samples per split after 600 steps, test_compositional 27%
+    # against 15% with a learned table, and test 71% against 67%.
+    model.code_features = 25
 
     # Half the examples take the canonical caption, which states every attribute; the rest pick among all five
     # captions, paraphrases that leave the size or cell out included. After 600 steps, judged on 500 `test` /
@@ -63,6 +67,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.data.shapes_split_sizes = dict(train=64, validation=16, test=16, test_compositional=16)
         config.text.vocab_size = 64
         model.image_vocab_size = 32  # The tiny VQGAN's codebook.
+        model.code_features = 0  # Most tests run the plain layout; tests/trainers/test_seq2seq_trainer.py sets 25.
         model.d_model = 32
         model.encoder_layers = 1
         model.decoder_layers = 2

@@ -6,7 +6,7 @@ the training images, split into two parts that add up rather than multiply:
 
 - where it is drawn: for each of a 4x4 grid of points in its patch, the share of its occurrences in which the
   pixel there is not background;
-- in which colour: the share of its foreground pixels nearest to each palette colour (all zero for background);
+- in which colour: the share of its patch's pixels nearest to each palette colour (all zero for background);
 
 then three flags: a code never seen in the images measured, the decoder's start token, and a constant 1.
 
@@ -69,7 +69,7 @@ def palette_code_features(images: np.ndarray, codes: np.ndarray, vocab_size: int
     np.add.at(colour_sum, flat, per_colour)
     seen = counts > 0
     mask = mask_sum / np.maximum(counts, 1)[:, None]
-    colour = colour_sum / np.maximum(colour_sum.sum(1, keepdims=True), 1)
+    colour = colour_sum / (np.maximum(counts, 1)[:, None] * patch * patch)
 
     features = np.zeros((vocab_size + 1, palette_width(len(palette))), np.float32)
     features[:vocab_size, :mask.shape[1]] = mask

@@ -157,7 +157,10 @@ class Decoder(nnx.Module):
         if self.code_features_width:
             # Filled from the training images by the trainer, then never trained (see `image_token_features`).
             self.code_features = nnx.Param(jnp.zeros((cfg.image_vocab_size + 1, self.code_features_width), jnp.float32))
-            self.embed_features = tl.dense(self.code_features_width, cfg.d_model, (None, "embed"), **kw)
+            self.embed_features = nnx.Linear(  # initialised like the embedding tables it stands for
+                self.code_features_width, cfg.d_model, use_bias=False, dtype=kw["dtype"],
+                param_dtype=kw["param_dtype"],
+                kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed")), rngs=rngs)
             self.head_features = tl.dense(cfg.d_model, self.code_features_width, ("embed", None), **kw)
         else:
             self.embed_tokens = _embedding(cfg.image_vocab_size + 1, cfg.d_model, ("vocab", "embed"), **kw)

@@ -38,7 +38,7 @@ def test_features_measure_where_and_in_which_colour_each_code_draws():
     np.testing.assert_array_equal(mask[1], 1)
     np.testing.assert_array_equal(mask[2].reshape(4, 4), [[1, 1, 0, 0]] * 4)  # green in the left two columns
     np.testing.assert_array_equal(mask[3], 1)
-    np.testing.assert_allclose(colour[:4], [[0, 0], [1, 0], [0, 1], [0.5, 0.5]])
+    np.testing.assert_allclose(colour[:4], [[0, 0], [1, 0], [0, 0.5], [0.5, 0.5]])  # shares of the whole patch
     np.testing.assert_array_equal(flags[:, 0], [0, 0, 0, 0, 1, 0])  # unseen: code 4 only
     np.testing.assert_array_equal(flags[:, 1], [0, 0, 0, 0, 0, 1])  # the start token's row
     np.testing.assert_array_equal(flags[:, 2], 1)
