@@ -29,6 +29,11 @@ LAYER_NORM_VARIANCES = ("two_pass", "one_pass")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+def features_per_column(features: jax.Array, columns: int) -> jax.Array:
+    """(image_vocab_size + 1, width) code features -> (columns, width): zero rows for the output head's padding."""
+    return jnp.zeros((columns, features.shape[1]), features.dtype).at[:features.shape[0]].set(features)
+
+
 def padded_image_vocab_size(image_vocab_size: int, vocab_multiple: int) -> int:
     """Width of the output head: codebook + start token, rounded up to a multiple of `vocab_multiple`."""
     return -(-(image_vocab_size + 1) // vocab_multiple) * vocab_multiple
@@ -185,7 +190,7 @@ class Decoder(nnx.Module):
 
     def embed_image_tokens(self, ids: jax.Array) -> jax.Array:
         if self.code_features_width:
-            return self.embed_features(self.image_token_features()[ids].astype(self.embed_features.dtype))
+            return self.embed_features(self.image_token_features()[ids])
         return self.embed_tokens(ids)
 
     def output_logits(self, x: jax.Array) -> jax.Array:
@@ -194,9 +199,7 @@ class Decoder(nnx.Module):
         x = self.final_ln(x)
         logits = constrain(self.lm_head(x), ("batch", "length", "vocab")).astype(jnp.float32)
         if self.code_features_width:
-            features = self.image_token_features()
-            padded = jnp.zeros((self.padded_vocab_size, features.shape[1]), jnp.float32).at[:features.shape[0]].set(
-                features)
+            padded = features_per_column(self.image_token_features(), self.padded_vocab_size)
             logits = logits + self.head_features(x).astype(jnp.float32) @ padded.T
         is_codebook_index = jnp.arange(self.padded_vocab_size) < self.image_vocab_size
         return jnp.where(is_codebook_index, logits, MASKED_LOGIT)
@@ -274,7 +277,7 @@ def dense_equivalent(cfg: ml_collections.ConfigDict, params: dict) -> tuple[ml_c
     embed_kernel = jnp.asarray(decoder.pop("embed_features")["kernel"], jnp.float32)
     head_kernel = jnp.asarray(decoder.pop("head_features")["kernel"], jnp.float32)
     lm_kernel = decoder["lm_head"]["kernel"]
-    padded = jnp.zeros((lm_kernel.shape[1], features.shape[1]), jnp.float32).at[:features.shape[0]].set(features)
+    padded = features_per_column(features, lm_kernel.shape[1])
     decoder["embed_tokens"] = {"embedding": (features @ embed_kernel).astype(lm_kernel.dtype)}
     decoder["lm_head"] = {"kernel": (jnp.asarray(lm_kernel, jnp.float32) + head_kernel @ padded.T).astype(lm_kernel.dtype)}
     dense_cfg = ml_collections.ConfigDict(cfg.to_dict())

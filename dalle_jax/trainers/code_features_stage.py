@@ -42,7 +42,7 @@ def measure(config: ml_collections.ConfigDict, train_records) -> np.ndarray:
     features = code_features.palette_code_features(images, codes, config.model.image_vocab_size,
                                                    np.array(list(shapes_scene.COLORS.values())),
                                                    shapes_scene.BACKGROUND)
-    unseen = int(features[:config.model.image_vocab_size, -3].sum())
+    unseen = config.model.image_vocab_size - len(np.unique(codes))
     logging.info("Code features measured on %d training images; %d of %d codes never occur in them.", count, unseen,
                  config.model.image_vocab_size)
     return features

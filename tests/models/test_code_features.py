@@ -93,7 +93,8 @@ def test_dense_equivalent_computes_the_same_logits():
     featured = model_with(DalleBart, cfg, params)(jnp.asarray(TEXT), inputs)
     dense = model_with(DalleBart, dense_cfg, jax.tree.map(np.asarray, dense_params))(jnp.asarray(TEXT), inputs)
     np.testing.assert_allclose(dense, featured, atol=1e-4, rtol=1e-4)
-    assert dalle_bart.dense_equivalent(dense_cfg, dense_params) == (dense_cfg, dense_params)
+    again_cfg, again_params = dalle_bart.dense_equivalent(dense_cfg, dense_params)
+    assert again_cfg is dense_cfg and again_params is dense_params
 
 
 def test_features_get_no_gradient_and_no_weight_decay():
