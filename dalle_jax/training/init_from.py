@@ -17,12 +17,15 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dalle_jax.models import dalle_bart, vqgan
 from dalle_jax.training import checkpointing, workdir as workdir_lib
 
 # Model fields a fine-tuning run may change: they alter computation or memory, not the parameters' shapes.
 FREE_MODEL_FIELDS = {"seq2seq": ("dtype", "param_dtype", "remat", "dropout"), "vqgan": ("dtype", "dropout")}
 # The text tokenizer's files: a seq2seq model's text embeddings only mean something with the ids they came from.
 TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt")
+# Model fields added after the first releases, with the value that a config.json written before them means.
+FIELD_DEFAULTS = {"seq2seq": dalle_bart.OPTIONAL_FIELDS, "vqgan": vqgan.OPTIONAL_FIELDS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +86,10 @@ def check_matches(config: ml_collections.ConfigDict, source_config: ml_collectio
             problems.append(f"model.{name}={theirs!r} there is not a field of this run's config; use a recipe of "
                             "this dalle_jax version that has it.")
             continue
-        mine = config.model[name]
-        if _plain(mine) != _plain(theirs):
-            problems.append(f"config.model.{name}={_flag_value(mine)} but {where} have {_flag_value(theirs)}: pass "
-                            f"--config.model.{name}={_flag_value(theirs)}")
+        problems += _mismatch(name, config.model[name], theirs, where)
+    for name, default in sorted(FIELD_DEFAULTS.get(config.trainer, {}).items()):
+        if name in config.model and name not in source_config.model:
+            problems += _mismatch(name, config.model[name], default, f"{where}, written before the field existed,")
     if problems:
         raise ValueError(f"The config does not build the architecture of the weights in {source!r}:\n  "
                          + "\n  ".join(problems))
@@ -112,6 +115,13 @@ def _copy_tokenizer(source: str, workdir: str) -> None:
         if os.path.isfile(os.path.join(source, name)):
             shutil.copyfile(os.path.join(source, name), os.path.join(workdir, name + ".tmp"))
             os.replace(os.path.join(workdir, name + ".tmp"), os.path.join(workdir, name))
+
+
+def _mismatch(name: str, mine, theirs, where: str) -> list[str]:
+    if _plain(mine) == _plain(theirs):
+        return []
+    return [f"config.model.{name}={_flag_value(mine)} but {where} have {_flag_value(theirs)}: pass "
+            f"--config.model.{name}={_flag_value(theirs)}"]
 
 
 def _plain(value):
