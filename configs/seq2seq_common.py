@@ -38,6 +38,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Chance each teacher-forced image input (after the start token) is replaced by a random code in training; the
     # targets stay the true codes, so the model learns to take more of what it draws from the caption.
     config.data.input_token_noise_prob = 0.0
+    # Steps at the start of training in which two-object captioned_shapes examples take the caption that names the
+    # left (or upper) object first ("to the left of", "above"): which object goes where then follows from word order
+    # alone, and the inverse wordings are learned on top of it afterwards. 0: off.
+    config.data.left_or_above_caption_steps = 0
     config.data.encode_batch_size = 64  # Global batch of the encode stage (images -> VQGAN codes).
 
     config.text = ml_collections.ConfigDict()

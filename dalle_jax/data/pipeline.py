@@ -13,7 +13,12 @@ import grain
 import jax
 import numpy as np
 
+from dalle_jax.data import shapes_scene
+
 Example = Mapping[str, object]
+# Key under which a random transform finds the example's position in the endless training stream (the global batch
+# it lands in is `position // global_batch`).
+STREAM_INDEX = "stream_index"
 Transform = Callable[[Example], dict]
 RandomTransform = Callable[[Example, np.random.Generator], dict]
 
@@ -40,7 +45,8 @@ def train_iterator(source, transform: Transform | None, *, global_batch: int, se
     """An endless, reshuffled-every-epoch iterator of this process's share of each global batch.
 
     `random_transform(example, rng)` (instead of `transform`) draws from a generator seeded by `seed` and the
-    example's position in the endless stream, so its choices differ every epoch yet replay exactly on resume.
+    example's position in the endless stream, so its choices differ every epoch yet replay exactly on resume; the
+    example carries that position under STREAM_INDEX.
     """
     if (transform is None) == (random_transform is None):
         raise ValueError("train_iterator takes exactly one of transform and random_transform.")
@@ -52,7 +58,11 @@ def train_iterator(source, transform: Transform | None, *, global_batch: int, se
     # process p reads block bP+p (lazily: only its own examples). The global batches, their row order and every
     # random draw are then the same for 1 process or many, so multi-host runs reproduce single-host ones.
     ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-    ds = ds.map(transform) if transform is not None else ds.random_map(random_transform, seed=seed + 1)
+    if transform is not None:
+        ds = ds.map(transform)
+    else:
+        ds = ds.map_with_index(lambda index, example: {**example, STREAM_INDEX: index})
+        ds = ds.random_map(random_transform, seed=seed + 1)
     ds = ds.batch(local_batch, drop_remainder=True)[jax.process_index()::jax.process_count()]
     options = grain.ReadOptions(num_threads=max(read_threads, 0), prefetch_buffer_size=max(prefetch, 0))
     return iter(ds.to_iter_dataset(options))
@@ -85,10 +95,13 @@ def image_transform(image_key: str, image_size: int) -> Transform:
     return transform
 
 
-def caption_and_codes(tokenizer, text_length: int, *, random_caption: bool, canonical_prob: float = 0.0):
+def caption_and_codes(tokenizer, text_length: int, *, random_caption: bool, canonical_prob: float = 0.0,
+                      left_or_above_examples: int = 0):
     """Transform of image-token records into `text_ids` + `codes`. Training (`random_caption`) tokenizes the
     example's first (canonical) caption with probability `canonical_prob`, and otherwise one of all its captions
-    chosen by the generator; evaluation always the canonical one."""
+    chosen by the generator; evaluation always the canonical one. Training examples at stream positions below
+    `left_or_above_examples` that show a two-object captioned_shapes scene take its left-or-above caption instead
+    (`shapes_scene.left_or_above_caption`)."""
     if not 0.0 <= canonical_prob <= 1.0:
         raise ValueError(f"config.data.canonical_caption_prob={canonical_prob} must be in [0, 1].")
 
@@ -96,6 +109,10 @@ def caption_and_codes(tokenizer, text_length: int, *, random_caption: bool, cano
         return {"text_ids": tokenizer.encode(caption, text_length), "codes": np.asarray(example["codes"], np.int32)}
 
     def random_one(example: Example, rng: np.random.Generator) -> dict:
+        scene = example.get("scene")
+        early = left_or_above_examples > 0 and example[STREAM_INDEX] < left_or_above_examples
+        if early and scene and len(scene["objects"]) == 2:
+            return tokenize(example, shapes_scene.left_or_above_caption(scene))
         captions = example["captions"]
         canonical = canonical_prob > 0 and rng.random() < canonical_prob  # no extra draw when off
         index = 0 if canonical else rng.integers(len(captions))

@@ -198,6 +198,21 @@ def canonical_caption(scene: dict) -> str:
     raise ValueError(f"a scene has 1 or 2 objects, got {len(objects)}.")
 
 
+def left_or_above_caption(scene: dict) -> str:
+    """A two-object scene's caption worded so that the object on the left (or above) is named first:
+    `a {color} {shape} to the left of|above a {color} {shape}`."""
+    objects = scene["objects"]
+    if len(objects) != 2:
+        raise ValueError(f"a left-or-above caption needs a two-object scene, got {len(objects)} object(s).")
+    a, b = objects
+    relation = scene["relation"]
+    if relation in ("to the right of", "below"):
+        a, b, relation = b, a, INVERSE_RELATION[relation]
+    elif relation not in INVERSE_RELATION:
+        raise ValueError(f"relation={relation!r} of a two-object scene must be one of {RELATIONS[1:]}.")
+    return f"a {a['color']} {a['shape']} {relation} a {b['color']} {b['shape']}"
+
+
 _ONE_OBJECT_TEMPLATES = (
     "a {color} {shape} in the {cell}",
     "a {size} {color} {shape}",

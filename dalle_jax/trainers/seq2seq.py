@@ -49,11 +49,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     encode_stage.encode_dataset(config.data, vqgan, encoded_dir, mesh, batch_size=config.data.encode_batch_size)
     train_source = token_records.open_split(encoded_dir, "train")
     tokenizer = text_stage.prepare_tokenizer(config, workdir, _all_captions(train_source))
+    train_captions = pipeline.caption_and_codes(
+        tokenizer, config.model.text_length, random_caption=True, canonical_prob=config.data.canonical_caption_prob,
+        left_or_above_examples=seq2seq_step.left_or_above_caption_steps(config) * config.data.batch_size)
     train_iter = pipeline.train_iterator(
         train_source, None, global_batch=config.data.batch_size, seed=config.seed,
-        read_threads=config.data.read_threads, prefetch=config.data.prefetch,
-        random_transform=pipeline.caption_and_codes(tokenizer, config.model.text_length, random_caption=True,
-                                                    canonical_prob=config.data.canonical_caption_prob))
+        read_threads=config.data.read_threads, prefetch=config.data.prefetch, random_transform=train_captions)
     eval_transform = pipeline.caption_and_codes(tokenizer, config.model.text_length, random_caption=False)
 
     # 3. State, built directly in its sharding, or restored from the newest checkpoint.

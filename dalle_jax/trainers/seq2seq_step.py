@@ -84,6 +84,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for name in ("blank_caption_prob", "canonical_caption_prob"):
         if not 0.0 <= config.data.get(name, 0.0) <= 1.0:
             raise ValueError(f"config.data.{name}={config.data.get(name)} must be in [0, 1].")
+    steps = left_or_above_caption_steps(config)
+    if steps < 0:
+        raise ValueError(f"config.data.left_or_above_caption_steps={steps} must be >= 0.")
+    if steps and config.data.dataset != "captioned_shapes":
+        raise ValueError(f"config.data.left_or_above_caption_steps={steps} rewords captioned_shapes scenes, but "
+                         f"config.data.dataset={config.data.dataset!r}; set it to 0.")
     if not 0.0 <= input_token_noise_prob(config) < 1.0:
         raise ValueError(f"config.data.input_token_noise_prob={input_token_noise_prob(config)} must be in [0, 1): at 1 "
                          "the model never sees its previous image tokens.")
@@ -92,6 +98,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def input_token_noise_prob(config: ml_collections.ConfigDict) -> float:
     """Chance a teacher-forced image input is replaced by a random code (0 for configs written before the field)."""
     return float(config.data.get("input_token_noise_prob", 0.0))
+
+
+def left_or_above_caption_steps(config: ml_collections.ConfigDict) -> int:
+    """Steps in which two-object scenes take their left-or-above caption (0 for configs written before the field)."""
+    return int(config.data.get("left_or_above_caption_steps", 0))
 
 
 def create(config: ml_collections.ConfigDict, mesh: Mesh, *, initialize: bool = True):

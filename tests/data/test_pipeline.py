@@ -101,3 +101,27 @@ def test_canonical_caption_probability_mixes_the_first_caption_in():
 def test_canonical_caption_probability_outside_zero_one_is_an_error(bad):
     with pytest.raises(ValueError, match="canonical_caption_prob"):
         pipeline.caption_and_codes(_WordTokenizer(), 8, random_caption=True, canonical_prob=bad)
+
+
+def test_random_transforms_see_each_examples_position_in_the_stream():
+    source = [{"x": np.int64(i)} for i in range(12)]
+    it = pipeline.train_iterator(source, None, global_batch=4, seed=0, read_threads=0, prefetch=0,
+                                 random_transform=lambda example, rng: {"at": example[pipeline.STREAM_INDEX]})
+    for step in range(5):  # over an epoch boundary: positions keep counting
+        np.testing.assert_array_equal(next(it)["at"], np.arange(4 * step, 4 * step + 4))
+
+
+def test_two_object_scenes_take_their_left_or_above_caption_early_in_training():
+    transform = pipeline.caption_and_codes(_WordTokenizer(), 8, random_caption=True, canonical_prob=1.0,
+                                           left_or_above_examples=64)
+    objects = [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"}]
+    two = {"captions": ["a red circle below a blue square", "p1"], "codes": [1],
+           "scene": {"objects": objects, "relation": "below"}}
+    one = {"captions": ["a small red circle in the top left"], "codes": [1],
+           "scene": {"objects": objects[:1], "relation": "none"}}
+    rng = np.random.default_rng(0)
+    at = lambda example, position: transform({**example, pipeline.STREAM_INDEX: position}, rng)["text_ids"]
+    assert at(two, 0) == at(two, 63) == "a blue square above a red circle"
+    assert at(two, 64) == "a red circle below a blue square"  # afterwards: the usual draw (canonical, here)
+    assert at(one, 0) == "a small red circle in the top left"
+    assert at({"captions": ["a photo"], "codes": [1], "scene": None}, 0) == "a photo"  # datasets without scenes

@@ -125,6 +125,16 @@ def test_input_token_noise_outside_zero_one_fails_before_any_work(value):
         seq2seq_step.check_config(config)
 
 
+def test_left_or_above_captions_need_captioned_shapes_and_a_step_count():
+    config = tiny_config()
+    config.data.left_or_above_caption_steps = -1
+    with pytest.raises(ValueError, match="left_or_above_caption_steps=-1 must be >= 0"):
+        seq2seq_step.check_config(config)
+    config.data.left_or_above_caption_steps, config.data.dataset = 5, "captioned_folder"
+    with pytest.raises(ValueError, match="rewords captioned_shapes scenes.*set it to 0"):
+        seq2seq_step.check_config(config)
+
+
 def test_noisy_image_inputs_keep_the_start_token_and_draw_codebook_ids():
     vocab = 32
     inputs = np.full((500, 64), vocab, np.int32)  # every input the start id, so each replacement shows
