@@ -204,13 +204,12 @@ def left_or_above_caption(scene: dict) -> str:
     objects = scene["objects"]
     if len(objects) != 2:
         raise ValueError(f"a left-or-above caption needs a two-object scene, got {len(objects)} object(s).")
-    a, b = objects
     relation = scene["relation"]
-    if relation in ("to the right of", "below"):
-        a, b, relation = b, a, INVERSE_RELATION[relation]
-    elif relation not in INVERSE_RELATION:
+    if relation not in INVERSE_RELATION:
         raise ValueError(f"relation={relation!r} of a two-object scene must be one of {RELATIONS[1:]}.")
-    return f"a {a['color']} {a['shape']} {relation} a {b['color']} {b['shape']}"
+    if relation in ("to the right of", "below"):
+        scene = {"objects": objects[::-1], "relation": INVERSE_RELATION[relation]}
+    return canonical_caption(scene)
 
 
 _ONE_OBJECT_TEMPLATES = (
