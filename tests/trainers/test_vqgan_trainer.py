@@ -77,9 +77,10 @@ def test_interrupted_run_resumes_with_identical_losses(full_run, tmp_path, shape
 
 @pytest.fixture(scope="module")
 def mesh8_run(tmp_path_factory, shapes_data_dir, compilation_cache):
-    """The CLI as one process on an 8-device CPU mesh (data=2, fsdp=2, tensor=2)."""
+    """The CLI as one process on an 8-device CPU mesh, data-parallel as the VQGAN recipes are."""
     workdir = str(tmp_path_factory.mktemp("vqgan_mesh8"))
-    multihost_runs.train(cli_args(shapes_data_dir), workdir, compilation_cache, processes=1)
+    multihost_runs.train(cli_args(shapes_data_dir), workdir, compilation_cache, processes=1,
+                         mesh=multihost_runs.DATA_PARALLEL)
     return workdir
 
 
@@ -98,5 +99,6 @@ def test_two_processes_match_one_process_of_eight_devices(mesh8_run, tmp_path, s
     """2 processes x 4 CPU devices joined over 127.0.0.1 (gloo): the same losses, evaluations, checkpoints and
     final figures as 1 process with 8 devices, metrics written once (by process 0)."""
     multi = str(tmp_path / "two_processes")
-    multihost_runs.train(cli_args(shapes_data_dir), multi, compilation_cache, processes=2)
+    multihost_runs.train(cli_args(shapes_data_dir), multi, compilation_cache, processes=2,
+                         mesh=multihost_runs.DATA_PARALLEL)
     multihost_runs.assert_same_run(mesh8_run, multi, ["train/loss", "train/psnr", "eval/psnr"])
