@@ -97,28 +97,32 @@ def probe_split(loaded: seq2seq_load.LoadedSeq2Seq, split: str = "test", *, max_
         raise ValueError(f"The first {count} records of split {split!r} hold no two-object scene; probe more "
                          "--max_examples or another split.")
     length = loaded.config.model.text_length
-    encode = lambda caption: loaded.tokenizer.encode(caption, length)
     log_likelihoods = log_likelihood_fn(loaded)
 
     def score(captions: list[str], rows: list[int]) -> np.ndarray:
-        out = []
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
-            text = np.stack([encode(captions[j]) for j in range(start, start + len(chunk))])
-            out.append(log_likelihoods(text, np.stack([codes[r] for r in chunk])))
-        return np.concatenate(out)
+        """log p(image of scene rows[j] | captions[j]) for every j, in batches."""
+        return np.concatenate([
+            log_likelihoods(np.stack([loaded.tokenizer.encode(c, length) for c in captions[s:s + batch_size]]),
+                            np.stack([codes[r] for r in rows[s:s + batch_size]]))
+            for s in range(0, len(rows), batch_size)])
 
-    every = list(range(len(scenes)))
-    true = score([shapes_scene.canonical_caption(s) for s in scenes], every)
+    true = score([shapes_scene.canonical_caption(s) for s in scenes], list(range(len(scenes))))
     relations = np.array([s["relation"] for s in scenes])
     twins = {}
     for twin in TWINS:
-        pairs = [(i, c) for i, c in ((i, twin_caption(s, twin)) for i, s in enumerate(scenes)) if c is not None]
-        rows = [i for i, _ in pairs]
-        margins = true[rows] - score([c for _, c in pairs], rows) if rows else np.zeros(0)
+        rows, captions = [], []
+        for i, scene in enumerate(scenes):
+            caption = twin_caption(scene, twin)
+            if caption is not None:
+                rows.append(i)
+                captions.append(caption)
+        if not rows:
+            twins[twin] = dict(count=0, by_relation={})
+            continue
+        margins = true[rows] - score(captions, rows)
         by_relation = {rel: _summary(margins[relations[rows] == rel]) for rel in shapes_scene.INVERSE_RELATION
                        if np.any(relations[rows] == rel)}
-        twins[twin] = dict(_summary(margins), by_relation=by_relation) if rows else dict(count=0, by_relation={})
+        twins[twin] = dict(_summary(margins), by_relation=by_relation)
     return dict(workdir=loaded.workdir, step=loaded.step, split=split, twins=twins)
 
 
