@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.image_vocab_size = 16384  # VQGAN codebook size (the start token is this id).
     config.model.image_length = 256  # Image tokens per image (the VQGAN grid, row-major).
     config.model.d_model = 1024  # Model width.
-    config.model.encoder_layers = 12  # Text encoder layers.
+    config.model.encoder_layers = 12  # Text encoder layers (0: each text state is its word and position alone).
     config.model.decoder_layers = 12  # Image-token decoder layers.
     config.model.heads = 16  # Attention heads.
     config.model.ffn_dim = 2730  # Feed-forward hidden width.

@@ -53,9 +53,12 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if extra:
         raise ValueError(f"DalleBart config has unknown field(s) {extra}; the fields are {list(CONFIG_FIELDS)}.")
     for field in ("text_vocab_size", "text_length", "image_vocab_size", "image_length", "d_model",
-                  "encoder_layers", "decoder_layers", "heads", "ffn_dim", "vocab_multiple"):
+                  "decoder_layers", "heads", "ffn_dim", "vocab_multiple"):
         if int(cfg[field]) < 1:
             raise ValueError(f"config.{field}={cfg[field]} must be a positive integer.")
+    if int(cfg.encoder_layers) < 0:
+        raise ValueError(f"config.encoder_layers={cfg.encoder_layers} must be >= 0 (0: the text states are the "
+                         "token and position embeddings alone).")
     if cfg.text_vocab_size <= TEXT_PAD_ID:
         raise ValueError(f"config.text_vocab_size={cfg.text_vocab_size} must include the BART special ids 0-3.")
     if cfg.d_model % cfg.heads:
@@ -123,7 +126,12 @@ def _embedding(num: int, features: int, names: tuple[str, str], **kw) -> nnx.Emb
 
 
 class Encoder(nnx.Module):
-    """Token + position embeddings, LayerNorm, bidirectional layers (`<pad>` keys masked), final LayerNorm."""
+    """Token + position embeddings, LayerNorm, bidirectional layers (`<pad>` keys masked), final LayerNorm.
+
+    With `encoder_layers=0` each text state is its own word at its own position: the decoder's cross-attention
+    then reads "red" and "circle" as separate words in order, where self-attention layers blend every word into
+    every other (on captioned_shapes, into states that no longer tell "A above B" from "B above A").
+    """
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         kw = dict(dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
@@ -136,15 +144,16 @@ class Encoder(nnx.Module):
         self.layers = tl.create_layer_stack(
             lambda r: tl.EncoderLayer(cfg.d_model, cfg.heads, cfg.ffn_dim, cfg.ffn, cfg.dropout, dtype=kw["dtype"],
                                       param_dtype=kw["param_dtype"], rngs=r, **layer_norm_options(cfg)),
-            cfg.encoder_layers, scan=self.scan_layers, rngs=rngs)
+            cfg.encoder_layers, scan=self.scan_layers, rngs=rngs) if cfg.encoder_layers else None
         self.final_ln = tl.layer_norm(cfg.d_model, **norm_kw)
 
     def __call__(self, text_ids: jax.Array, *, deterministic: bool) -> jax.Array:
         x = self.embed_tokens(text_ids) + self.embed_positions(jnp.arange(text_ids.shape[1]))[None]
         x = constrain(self.dropout(self.layernorm_embedding(x), deterministic=deterministic), tl.EMBED_ACTIVATION)
-        mask = tl.key_padding_mask(text_ids, TEXT_PAD_ID)
-        x = tl.apply_layer_stack(self.layers, x, mask, scan=self.scan_layers, remat=self.remat,
-                                 deterministic=deterministic)
+        if self.layers is not None:
+            mask = tl.key_padding_mask(text_ids, TEXT_PAD_ID)
+            x = tl.apply_layer_stack(self.layers, x, mask, scan=self.scan_layers, remat=self.remat,
+                                     deterministic=deterministic)
         return self.final_ln(x)
 
 

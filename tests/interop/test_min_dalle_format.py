@@ -82,9 +82,10 @@ def test_min_dalle_files_round_trip_exactly(tmp_path, scan_layers):
             np.testing.assert_array_equal(v, reference[k].numpy(), err_msg=k)
 
 
-def test_export_loads_strictly_into_min_dalle_and_reimports_exactly(tmp_path):
+@pytest.mark.parametrize("encoder_layers", [2, 0])
+def test_export_loads_strictly_into_min_dalle_and_reimports_exactly(tmp_path, encoder_layers):
     cfg = dalle_config(text_vocab_size=64, text_length=16, image_vocab_size=60, image_length=256, d_model=32,
-                       encoder_layers=2, decoder_layers=2, heads=4, ffn_dim=48, vocab_multiple=16)
+                       encoder_layers=encoder_layers, decoder_layers=2, heads=4, ffn_dim=48, vocab_multiple=16)
     params = random_params(DalleBart, cfg, seed=5)
     enc, dec = fmt.export_state_dicts(params, cfg)
     torch_files.save_state_dict(enc, str(tmp_path / fmt.ENCODER_FILE))
@@ -93,7 +94,7 @@ def test_export_loads_strictly_into_min_dalle_and_reimports_exactly(tmp_path):
     (tmp_path / fmt.SIDECAR_FILE).write_text(json.dumps(fmt.sidecar(cfg)))
 
     s = SIZES
-    encoder = DalleBartEncoder(layer_count=2, embed_count=32, attention_head_count=4, text_vocab_count=64,
+    encoder = DalleBartEncoder(layer_count=encoder_layers, embed_count=32, attention_head_count=4, text_vocab_count=64,
                                text_token_count=16, glu_embed_count=48, device="cpu")
     decoder = DalleBartDecoder(image_vocab_count=63, embed_count=32, attention_head_count=4, glu_embed_count=48,
                                layer_count=2, device="cpu")  # the head padded to 64 = vocab_multiple
@@ -102,7 +103,7 @@ def test_export_loads_strictly_into_min_dalle_and_reimports_exactly(tmp_path):
     assert s["heads"] == 4
 
     back_cfg, back = read_min_dalle(tmp_path)
-    assert (back_cfg.image_vocab_size, back_cfg.vocab_multiple) == (60, 16)
+    assert (back_cfg.image_vocab_size, back_cfg.vocab_multiple, back_cfg.encoder_layers) == (60, 16, encoder_layers)
     assert_trees_equal(back, params)
 
 

@@ -92,6 +92,13 @@ def test_cached_steps_equal_teacher_forced_decode(scan, ffn, row_products):
     assert np.all(np.abs(cache.values).max(axis=(2, 4)) > 0)
 
 
+def test_cached_steps_equal_teacher_forced_decode_without_encoder_layers():
+    model = random_model(make_cfg(encoder_layers=0))
+    inputs = np.asarray(teacher_forcing_inputs(jnp.asarray(IMAGE_TOKENS), CODEBOOK))
+    expected, cached, _, _ = teacher_forced_and_cached(model, TEXT, inputs)
+    np.testing.assert_allclose(cached, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_decode_step_rejects_mismatched_batches():
     model = nnx.eval_shape(lambda: DalleBart(make_cfg(), rngs=nnx.Rngs(params=0, dropout=1)))
     kv = lambda rows, length: cached_decoding.KeyValues(*[np.zeros((2, rows, 4, length, 8), np.float32)] * 2)

@@ -51,6 +51,9 @@ def stack_layers(pure: dict) -> dict:
     out = {}
     for part in ("encoder", "decoder"):
         sub = dict(pure[part])
+        if "layers" not in sub:  # encoder_layers=0
+            out[part] = sub
+            continue
         layers = sub["layers"]
         sub["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), *[layers[i] for i in sorted(layers)])
         out[part] = sub
@@ -130,7 +133,7 @@ def np_dalle_bart(pure, text, image_inputs, heads=4):
     text_allowed = (text != 1)[:, None, None, :]
     x = e["embed_tokens"]["embedding"][text] + e["embed_positions"]["embedding"][: text.shape[1]]
     x = np_layer_norm(x, e["layernorm_embedding"])
-    for i in sorted(e["layers"]):
+    for i in sorted(e.get("layers", {})):  # encoder_layers=0: no layers
         p = e["layers"][i]
         h = np_layer_norm(x, p["pre_self_attn_layer_norm"])
         x = x + np_layer_norm(np_attention(p["self_attn"], h, h, text_allowed, heads), p["self_attn_layer_norm"])
@@ -164,6 +167,27 @@ def test_unrolled_matches_numpy_reference(unrolled_pure, forward):
     model = model_from_pure(make_cfg(scan_layers=False), unrolled_pure)
     expected = np_dalle_bart(numpy_params(unrolled_pure), TEXT, IMAGE_INPUTS)
     np.testing.assert_allclose(forward(model), expected, rtol=2e-4, atol=2e-4)
+
+
+def without_encoder_layers(pure: dict) -> dict:
+    return dict(pure, encoder={k: v for k, v in pure["encoder"].items() if k != "layers"})
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_encoder_without_layers_matches_numpy_reference(unrolled_pure, forward, scan):
+    pure = without_encoder_layers(unrolled_pure)
+    model = model_from_pure(make_cfg(encoder_layers=0, scan_layers=scan),
+                            stack_layers(pure) if scan else pure)
+    assert "layers" not in nnx.state(model).to_pure_dict()["encoder"]
+    expected = np_dalle_bart(numpy_params(pure), TEXT, IMAGE_INPUTS)
+    np.testing.assert_allclose(forward(model), expected, rtol=2e-4, atol=2e-4)
+
+    # Each text state is its own word at its own position: changing one word changes that state alone.
+    changed_text = TEXT.copy()
+    changed_text[0, 2] = 11
+    before, after = (np.asarray(jax.jit(lambda t: model.encode(t))(t)) for t in (TEXT, changed_text))
+    np.testing.assert_array_equal(np.delete(after, 2, axis=1), np.delete(before, 2, axis=1))
+    assert np.abs(after[0, 2] - before[0, 2]).max() > 1e-3
 
 
 def test_scanned_equals_unrolled(unrolled_pure, forward):
@@ -345,6 +369,7 @@ def test_remat_gives_same_loss_and_gradients(encoder_grads_by_remat, remat):
     ({"dtype": "float8"}, "dtype"),
     ({"dropout": 1.0}, "dropout"),
     ({"decoder_layers": 0}, "decoder_layers"),
+    ({"encoder_layers": -1}, "encoder_layers"),
     ({"d_modle": 32}, "d_modle"),
 ])
 def test_bad_config_is_rejected(overrides, message):
