@@ -128,9 +128,8 @@ def _embedding(num: int, features: int, names: tuple[str, str], **kw) -> nnx.Emb
 class Encoder(nnx.Module):
     """Token + position embeddings, LayerNorm, bidirectional layers (`<pad>` keys masked), final LayerNorm.
 
-    With `encoder_layers=0` each text state is its own word at its own position: the decoder's cross-attention
-    then reads "red" and "circle" as separate words in order, where self-attention layers blend every word into
-    every other (on captioned_shapes, into states that no longer tell "A above B" from "B above A").
+    With `encoder_layers=0` each text state is its own word at its own position, and only the decoder's
+    cross-attention combines words (on the shapes recipe, README "Train the text-to-image-token model").
     """
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
