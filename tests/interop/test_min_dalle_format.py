@@ -94,8 +94,8 @@ def test_export_loads_strictly_into_min_dalle_and_reimports_exactly(tmp_path, en
     (tmp_path / fmt.SIDECAR_FILE).write_text(json.dumps(fmt.sidecar(cfg)))
 
     s = SIZES
-    encoder = DalleBartEncoder(layer_count=encoder_layers, embed_count=32, attention_head_count=4, text_vocab_count=64,
-                               text_token_count=16, glu_embed_count=48, device="cpu")
+    encoder = DalleBartEncoder(layer_count=encoder_layers, embed_count=32, attention_head_count=4,
+                               text_vocab_count=64, text_token_count=16, glu_embed_count=48, device="cpu")
     decoder = DalleBartDecoder(image_vocab_count=63, embed_count=32, attention_head_count=4, glu_embed_count=48,
                                layer_count=2, device="cpu")  # the head padded to 64 = vocab_multiple
     encoder.load_state_dict(torch.load(tmp_path / fmt.ENCODER_FILE, weights_only=True), strict=True)
