@@ -11,10 +11,13 @@ image by image. The report (a JSON object, also returned by `evaluate_samples`):
     {"workdir", "step", "seed", "settings": {"temperature", "top_k", "top_p", "cond_scale"},
      "sets": {name: {"source", "count", "accuracy",
                      "attributes": {attribute: {"accuracy": float | null, "count": int}},
+                     "one_object_pairs": {"<colour> <shape>": {"accuracy": float, "count": int, "shape": float}},
                      "examples": [{"index", "prompt", "correct", "attributes": {attribute: bool}}]}}}
 
 `accuracy` is the fraction of images judged correct on everything their caption states; an attribute's accuracy
 is over the images whose caption states it (relation: two-object scenes only), null when none does.
+`one_object_pairs` splits the one-object scenes by their object's colour and shape (`accuracy` of the images,
+and how often the `shape` was right): on `test_compositional` it shows which held-out pair a model fails to draw.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from dalle_jax.data import token_records
+from dalle_jax.data import shapes_scene, token_records
 from dalle_jax.eval import judge as judge_lib
 from dalle_jax.pipeline import TextToImage
 from dalle_jax.sampling import SamplingSettings
@@ -93,9 +96,24 @@ def judge_images(examples: Sequence[Example], images: np.ndarray) -> dict:
         count = sum(name in j.attributes for j in judgements)
         attributes[name] = dict(accuracy=summary.get(name) if count else None, count=count)
     return dict(count=len(judgements), accuracy=summary["correct"], attributes=attributes,
+                one_object_pairs=one_object_pairs(examples, judgements),
                 examples=[dict(index=i, prompt=example.prompt, correct=bool(j.correct),
                                attributes={k: bool(v) for k, v in j.attributes.items()})
                           for i, (example, j) in enumerate(zip(examples, judgements))])
+
+
+def one_object_pairs(examples: Sequence[Example], judgements: Sequence[judge_lib.Judgement]) -> dict:
+    """{"<colour> <shape>": {"accuracy", "count", "shape"}} over the one-object scenes, in palette then shape
+    order (the order of `shapes_scene.COLORS` and `SHAPES`)."""
+    by_pair = {}
+    for example, judgement in zip(examples, judgements):
+        if len(example.scene["objects"]) == 1:
+            obj = example.scene["objects"][0]
+            by_pair.setdefault((obj["color"], obj["shape"]), []).append(judgement)
+    order = {pair: i for i, pair in enumerate((c, s) for c in shapes_scene.COLORS for s in shapes_scene.SHAPES)}
+    return {f"{colour} {shape}": dict(accuracy=float(np.mean([j.correct for j in found])), count=len(found),
+                                      shape=float(np.mean([j.attributes["shape"] for j in found])))
+            for (colour, shape), found in sorted(by_pair.items(), key=lambda item: order[item[0]])}
 
 
 def evaluate_examples(pipe: TextToImage, examples: Sequence[Example], *, seed: int = 0, batch_size: int | None = None,

@@ -45,13 +45,36 @@ def test_the_datasets_own_images_are_judged_correct(sampling_workdir):  # noqa: 
     assert ev.judge_images(examples, rendered[::-1])["accuracy"] < 0.5
 
 
+def _one_object_scene(seed: int, color: str, shape: str) -> dict:
+    rng = np.random.default_rng(seed)
+    while len((scene := shapes_scene.sample_scene(rng, 32))["objects"]) != 1:
+        pass
+    return dict(scene, objects=[dict(scene["objects"][0], color=color, shape=shape)])
+
+
+def test_one_object_pairs_split_the_one_object_scenes_by_colour_and_shape(sampling_workdir):  # noqa: F811
+    circles = [_one_object_scene(seed, "purple", "circle") for seed in range(3)]
+    square = _one_object_scene(3, "red", "square")
+    two_objects = next(e for e in ev.split_examples(sampling_workdir["workdir"], "test") if len(e.scene["objects"]) == 2)
+    examples = [ev.Example("", scene) for scene in (*circles, square)] + [two_objects]
+    drawn = [circles[0], circles[1], dict(circles[2], objects=[dict(circles[2]["objects"][0], shape="square")]),
+             square, two_objects.scene]
+    result = ev.judge_images(examples, np.stack([shapes_scene.render(scene, 32) for scene in drawn]))
+    # The third purple circle is drawn as a square; the two-object scene is left out; palette order (red first).
+    assert list(result["one_object_pairs"]) == ["red square", "purple circle"]
+    assert result["one_object_pairs"]["purple circle"] == dict(accuracy=pytest.approx(2 / 3), count=3,
+                                                               shape=pytest.approx(2 / 3))
+    assert result["one_object_pairs"]["red square"] == dict(accuracy=1.0, count=1, shape=1.0)
+    assert result["examples"][2]["correct"] is False and result["examples"][4]["correct"] is True
+
+
 def test_report_structure(report, pipe):
     assert set(report) == {"workdir", "step", "seed", "settings", "sets"}
     assert report["step"] == 12 and report["seed"] == 3 and report["settings"] == SETTINGS
     assert report["workdir"] == pipe.seq2seq.workdir
     assert list(report["sets"]) == ["test", "test_compositional"]
     for result in report["sets"].values():
-        assert set(result) == {"source", "count", "accuracy", "attributes", "examples"}
+        assert set(result) == {"source", "count", "accuracy", "attributes", "one_object_pairs", "examples"}
         assert result["count"] == len(result["examples"]) == 4
         assert set(result["attributes"]) == set(judge.ATTRIBUTES)
     json.dumps(report)  # plain JSON types only
