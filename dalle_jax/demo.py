@@ -116,7 +116,8 @@ def _report(timings: dict, vqgan_dir: str, dalle_dir: str, judged: dict) -> dict
         judge[split] = dict(accuracy=result["accuracy"], count=result["count"],
                             **{name: a["accuracy"] for name, a in result["attributes"].items()})
         if "one_object_pairs" in result:  # absent from the judged.json of a demo run before it was reported
-            judge[split]["one_object_pairs"] = {pair: p["accuracy"] for pair, p in result["one_object_pairs"].items()}
+            judge[split]["one_object_pairs"] = {pair: dict(accuracy=p["accuracy"], count=p["count"])
+                                                for pair, p in result["one_object_pairs"].items()}
     return dict(
         timings_s=dict(timings, total=sum(timings.values())),
         vqgan=dict(psnr=vq["psnr"], codebook_usage=vq["codebook_usage"]),

@@ -29,8 +29,10 @@ def test_report_holds_every_figure_the_demo_promises(tmp_path):
     assert report["vqgan"] == dict(psnr=31.0, codebook_usage=0.3)
     assert report["seq2seq"] == dict(eval_loss=0.14, token_accuracy=0.97, perplexity=1.15)
     assert report["judge"]["test_compositional"] == dict(accuracy=0.5, count=4, color=1.0, relation=None,
-                                                         one_object_pairs={"purple circle": 0.25})
+                                                         one_object_pairs={"purple circle": dict(accuracy=0.25,
+                                                                                                 count=4)})
     assert report["sampling"]["cond_scale"] == 2.0
+    json.dumps(report)  # plain JSON types only
 
 
 def test_report_from_a_judged_file_written_before_pairs_were_reported(tmp_path):

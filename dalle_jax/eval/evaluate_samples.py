@@ -86,7 +86,8 @@ def read_prompts_file(path: str, max_examples: int | None = None) -> list[Exampl
 
 
 def judge_images(examples: Sequence[Example], images: np.ndarray) -> dict:
-    """Judges image i against example i's scene: the `count`, `accuracy`, `attributes` and `examples` of a set."""
+    """Judges image i against example i's scene: the `count`, `accuracy`, `attributes`, `one_object_pairs` and
+    `examples` of a set."""
     if len(examples) != len(images):
         raise ValueError(f"{len(examples)} examples but {len(images)} images; pass one image per example.")
     judgements = [judge_lib.judge(image, example.scene) for example, image in zip(examples, images)]
@@ -107,8 +108,9 @@ def one_object_pairs(examples: Sequence[Example], judgements: Sequence[judge_lib
     order (the order of `shapes_scene.COLORS` and `SHAPES`)."""
     by_pair = {}
     for example, judgement in zip(examples, judgements):
-        if len(example.scene["objects"]) == 1:
-            obj = example.scene["objects"][0]
+        scene = judge_lib.scene_from_example(example.scene)
+        if len(scene["objects"]) == 1:
+            obj = scene["objects"][0]
             by_pair.setdefault((obj["color"], obj["shape"]), []).append(judgement)
     order = {pair: i for i, pair in enumerate((c, s) for c in shapes_scene.COLORS for s in shapes_scene.SHAPES)}
     return {f"{colour} {shape}": dict(accuracy=float(np.mean([j.correct for j in found])), count=len(found),

@@ -53,19 +53,22 @@ def _one_object_scene(seed: int, color: str, shape: str) -> dict:
 
 
 def test_one_object_pairs_split_the_one_object_scenes_by_colour_and_shape(sampling_workdir):  # noqa: F811
-    circles = [_one_object_scene(seed, "purple", "circle") for seed in range(3)]
+    circles = [_one_object_scene(seed, "purple", "circle") for seed in range(4)]
+    other_size = next(scene for seed in range(4, 100) if (scene := _one_object_scene(seed, "purple", "circle"))
+                      ["objects"][0]["size"] != circles[3]["objects"][0]["size"])
     square = _one_object_scene(3, "red", "square")
-    two_objects = next(e for e in ev.split_examples(sampling_workdir["workdir"], "test") if len(e.scene["objects"]) == 2)
+    test_examples = ev.split_examples(sampling_workdir["workdir"], "test")
+    two_objects = next(e for e in test_examples if len(e.scene["objects"]) == 2)
     examples = [ev.Example("", scene) for scene in (*circles, square)] + [two_objects]
     drawn = [circles[0], circles[1], dict(circles[2], objects=[dict(circles[2]["objects"][0], shape="square")]),
-             square, two_objects.scene]
+             other_size, square, two_objects.scene]
     result = ev.judge_images(examples, np.stack([shapes_scene.render(scene, 32) for scene in drawn]))
-    # The third purple circle is drawn as a square; the two-object scene is left out; palette order (red first).
+    # Purple circle 3 is drawn as a square, circle 4 at the other size (its shape is right); the two-object scene is
+    # left out; the pairs come in palette order (red first).
     assert list(result["one_object_pairs"]) == ["red square", "purple circle"]
-    assert result["one_object_pairs"]["purple circle"] == dict(accuracy=pytest.approx(2 / 3), count=3,
-                                                               shape=pytest.approx(2 / 3))
+    assert result["one_object_pairs"]["purple circle"] == dict(accuracy=0.5, count=4, shape=0.75)
     assert result["one_object_pairs"]["red square"] == dict(accuracy=1.0, count=1, shape=1.0)
-    assert result["examples"][2]["correct"] is False and result["examples"][4]["correct"] is True
+    assert [e["correct"] for e in result["examples"]] == [True, True, False, False, True, True]
 
 
 def test_report_structure(report, pipe):
