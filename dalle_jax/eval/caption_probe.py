@@ -21,7 +21,6 @@ The report (a JSON object, also returned by `probe_split`):
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import jax
@@ -31,7 +30,7 @@ from absl import app, flags, logging
 
 from dalle_jax import seq2seq_load
 from dalle_jax.data import shapes_scene, token_records
-from dalle_jax.eval import judge as judge_lib
+from dalle_jax.eval import judge as judge_lib, report_file
 from dalle_jax.models import dalle_bart
 
 TWINS = ("relation_reversed", "colors_exchanged", "shapes_exchanged")
@@ -148,10 +147,7 @@ def run(fv: flags.FlagValues) -> dict:
         raise app.UsageError(f"--batch_size={fv.batch_size} must be at least 1.")
     report = probe_split(seq2seq_load.load_seq2seq(fv.workdir, step=fv.step), fv.split,
                          max_examples=fv.max_examples, batch_size=fv.batch_size)
-    os.makedirs(os.path.dirname(os.path.abspath(fv.out)), exist_ok=True)
-    with open(fv.out, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
+    report_file.write_report(fv.out, report)
     for twin, result in report["twins"].items():
         if result["count"]:
             logging.info("%s: true caption wins %.2f of %d, median margin %.2f nats", twin, result["true_wins"],

@@ -31,7 +31,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from dalle_jax.data import shapes_scene, token_records
-from dalle_jax.eval import judge as judge_lib
+from dalle_jax.eval import judge as judge_lib, report_file
 from dalle_jax.pipeline import TextToImage
 from dalle_jax.sampling import SamplingSettings
 
@@ -193,11 +193,7 @@ def run(fv: flags.FlagValues) -> dict:
                                     batch_size=fv.batch_size)
     report = evaluate_samples(pipe, splits=fv.split, prompts_file=fv.prompts_file, max_examples=fv.max_examples,
                               seed=fv.seed, batch_size=fv.batch_size, progress=True, **given)
-    directory = os.path.dirname(os.path.abspath(fv.out))
-    os.makedirs(directory, exist_ok=True)
-    with open(fv.out, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
+    report_file.write_report(fv.out, report)
     for name, result in report["sets"].items():
         logging.info("%s: accuracy %.3f over %d images", name, result["accuracy"], result["count"])
     return report
