@@ -95,11 +95,29 @@ def truncate(logits: jax.Array, top_k, top_p) -> jax.Array:
         k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, vocab)
         kth_largest = jax.lax.dynamic_index_in_dim(descending, k - 1, axis=-1, keepdims=True)
         descending = jnp.where(jnp.arange(vocab) < k, descending, -jnp.inf)  # the k largest; still sorted
+    smallest_in_nucleus = _smallest_in_nucleus(descending, top_p)
+    return jnp.where(logits >= jnp.maximum(kth_largest, smallest_in_nucleus), logits, -jnp.inf)
+
+
+def _smallest_in_nucleus(descending: jax.Array, top_p) -> jax.Array:
+    """(..., n) logits sorted largest first -> (..., 1): the smallest logit of the top-p nucleus among them."""
     probs = jax.nn.softmax(descending, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     in_nucleus = (mass_before < top_p) | (top_p >= 1.0)
-    smallest_in_nucleus = jnp.min(jnp.where(in_nucleus, descending, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= jnp.maximum(kth_largest, smallest_in_nucleus), logits, -jnp.inf)
+    return jnp.min(jnp.where(in_nucleus, descending, jnp.inf), axis=-1, keepdims=True)
+
+
+def draw_top_k(keys: jax.Array, logits: jax.Array, top_k: int, top_p=None) -> jax.Array:
+    """One draw per row among its `top_k` largest logits (ties at the k-th go to the lower id), after top-p over
+    them (None: off): the distribution of `draw(keys, truncate(logits, top_k, top_p))` without ties, drawn in the
+    (B, k) space. The sampler's path: XLA's CPU compiler turns a top-k of which only the k-th value is used into
+    a sort of the whole row (42 ms a step for 250 rows of 1,088 codes, against 1 ms), and a draw over k entries
+    needs k random numbers instead of one per code."""
+    values, ids = jax.lax.top_k(logits, min(int(top_k), logits.shape[-1]))
+    if top_p is not None:
+        values = jnp.where(values >= _smallest_in_nucleus(values, top_p), values, -jnp.inf)
+    choice = draw(keys, values)
+    return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 def top_k_filter(logits: jax.Array, k) -> jax.Array:
@@ -188,12 +206,15 @@ def _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, knobs: d
             step_model = nnx.merge(step_graphdef, step_state, copy=True)
             logits, cache = next_token_logits(step_model, tokens, position, cache, cross_kv, cross_mask,
                                               guided=guided, cond_scale=knobs["cond_scale"])
-            truncation = None
-            if top_k is not None or knobs["top_p"] is not None:
-                truncation = (top_k or logits.shape[-1], 1.0 if knobs["top_p"] is None else knobs["top_p"])
-            logits = filter_logits(logits, model.image_vocab_size, knobs["temperature"], truncation)
+            logits = filter_logits(logits, model.image_vocab_size, knobs["temperature"])
             step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, position)
-            tokens = parallel.constrain(draw(step_keys, logits), TOKENS_ACTIVATION)
+            if top_k is not None:
+                tokens = draw_top_k(step_keys, logits, top_k, knobs["top_p"])
+            elif knobs["top_p"] is not None:
+                tokens = draw(step_keys, truncate(logits, logits.shape[-1], knobs["top_p"]))
+            else:
+                tokens = draw(step_keys, logits)
+            tokens = parallel.constrain(tokens, TOKENS_ACTIVATION)
             return (tokens, cache), tokens
 
         start = parallel.constrain(jnp.full((batch,), model.start_token, jnp.int32), TOKENS_ACTIVATION)

@@ -148,6 +148,22 @@ def test_a_static_top_k_partial_sort_equals_the_full_sort():
         np.testing.assert_array_equal(np.asarray(static), np.asarray(truncate(logits, k, p)), err_msg=str((k, p)))
 
 
+def test_the_samplers_top_k_draw_has_the_truncated_distribution():
+    # 20,000 draws from one row of distinct logits: drawn in the (B, k) space, each id comes up as often as its
+    # probability after truncate(), and nothing truncate() removes is ever drawn.
+    logits = jnp.asarray(np.random.default_rng(4).normal(size=(1, 64)) * 2, jnp.float32)
+    keys = jax.random.split(jax.random.key(1), 20_000)
+    rows = jnp.tile(logits, (20_000, 1))
+    for k, p in ((1, None), (6, None), (6, 0.6), (64, 0.9), (100, None)):
+        drawn = np.asarray(jax.jit(sampling.draw_top_k, static_argnums=2)(keys, rows, k, p))
+        truncated = np.asarray(truncate(logits, k, 1.0 if p is None else p))[0]
+        expected = np.exp(truncated - truncated.max())
+        expected /= expected.sum()
+        frequencies = np.bincount(drawn, minlength=64) / len(drawn)
+        assert np.all(frequencies[expected == 0] == 0), (k, p)
+        np.testing.assert_allclose(frequencies, expected, atol=0.012, err_msg=str((k, p)))
+
+
 def test_temperature_and_codebook_restriction():
     logits = jnp.asarray(np.random.default_rng(2).normal(size=(3, 64)), jnp.float32)
     out = np.asarray(filter_logits(logits, CODEBOOK, 2.0))
@@ -162,6 +178,10 @@ def test_ids_outside_the_codebook_are_never_drawn():
     for temperature, truncation in ((1e8, None), (1.0, (40, 1.0)), (1.0, (64, 1.0)), (1e8, (64, 0.99))):
         drawn = np.asarray(draw(keys, filter_logits(logits, CODEBOOK, temperature, truncation)))
         assert drawn.max() < CODEBOOK and len(set(drawn.tolist())) > CODEBOOK // 2
+        if truncation is not None:  # the sampler's own path: top-k in the (B, k) space
+            drawn = np.asarray(jax.jit(sampling.draw_top_k, static_argnums=2)(
+                keys, filter_logits(logits, CODEBOOK, temperature), *truncation))
+            assert drawn.max() < CODEBOOK and len(set(drawn.tolist())) > CODEBOOK // 2
 
 
 def test_guide_formula():
