@@ -5,8 +5,9 @@
     python sample.py --workdir runs/dalle --prompts_file prompts.txt --num_images 4 --out_dir samples/
 
 `--out` writes one grid picture (a row per prompt); `--out_dir` writes one PNG per image and `samples.jsonl`, a
-record per image of its prompt, seed, index, sampling settings, text ids and sampled image ids. Image i of a run
-(prompt i // num_images) is drawn from (seed, i) alone. Settings not given take the run's `config.sampling`.
+record per image of its prompt, seed, index, sampling settings, text ids, sampled image ids and score (log p(image
+ids | prompt)). Image i of a run (prompt i // num_images) is drawn from (seed, i) alone; with `--candidates K` it is
+the likeliest of K draws from (seed, i*K + c). Settings not given take the run's `config.sampling`.
 """
 import dataclasses
 import json
@@ -34,7 +35,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_float("temperature", None, "Softmax temperature (> 0; default: the run's).", **fv)
     flags.DEFINE_integer("top_k", None, "Sample among the k most likely codes (>= 1; default: the run's).", **fv)
     flags.DEFINE_float("top_p", None, "Nucleus mass in (0, 1] (1: off; default: the run's).", **fv)
-    flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Images per sampling batch.", **fv)
+    flags.DEFINE_integer("candidates", None, "Draws per image, of which the likeliest given its prompt is kept "
+                         "(>= 1; default: the run's).", **fv)
+    flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Images drawn per sampling batch (candidates count "
+                         "each).", **fv)
     flags.DEFINE_string("vqgan_workdir", None, "The VQGAN's work directory (default: the run's "
                         "config.vqgan_workdir).", **fv)
     flags.DEFINE_integer("step", None, "Checkpoint step to sample from (default: the newest).", **fv)
@@ -64,7 +68,8 @@ def check_flags(fv: flags.FlagValues) -> dict:
             raise app.UsageError(f"--{name}={fv[name].value} must be at least 1.")
     if not 0 <= fv.seed < 2 ** 32:
         raise app.UsageError(f"--seed={fv.seed} must be in [0, 2**32).")
-    given = dict(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p, cond_scale=fv.cond_scale)
+    given = dict(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p, cond_scale=fv.cond_scale,
+                 candidates=fv.candidates)
     given = {k: v for k, v in given.items() if v is not None}
     try:
         # The given settings on top of any valid ones: the run's defaults are checked when it is loaded.

@@ -98,5 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
     config.sampling.top_k = 64  # Sample among the k most likely codes (0: all).
     config.sampling.top_p = 1.0  # Nucleus mass (1: off).
     config.sampling.cond_scale = 3.0  # Classifier-free guidance scale (1: off).
+    # Draws per image of sample.py, evaluation and the demo; the one the model finds likeliest given its prompt is
+    # kept (1: every draw). The training run's sample grid draws one.
+    config.sampling.candidates = 1
     config.sampling.seed = 0  # Seed of the sample grid.
     return config

@@ -63,6 +63,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.sampling.temperature = 0.7
     config.sampling.top_k = 8
     config.sampling.cond_scale = 2.0
+    # The likeliest of 4 draws per image given its prompt: on the demo model, 500 samples per split, test 79.2%
+    # against 74.2% for one draw (one-object scenes 94% against 89%), test_compositional 28.2% against 30.8%.
+    config.sampling.candidates = 4
 
     if arg == "tiny":
         config.num_steps = 12
@@ -88,6 +91,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.optimizer.learning_rate = 3e-3
         config.sampling.prompts = ("a small red circle in the top left", "a green triangle above a purple circle")
         config.sampling.images_per_prompt = 2
+        config.sampling.candidates = 1  # tests/test_pipeline.py draws several candidates where it tests them
     elif arg:
         raise ValueError(f"Unknown variant {arg!r} of configs/shapes_dalle.py; use '' or 'tiny'.")
     return config

@@ -6,19 +6,23 @@
     samples.image_ids  # the sampled codes, (prompts, num_images, image_length)
 
 Image i of a request (prompt i // num_images) draws its randomness from (seed, i) alone, so it comes out the
-same whatever the batch size and the number of devices. Requests are cut into batches of `batch_size` images,
+same whatever the batch size and the number of devices. With `candidates=K`, image i is the one of K drawn from
+(seed, i*K), ..., (seed, i*K + K-1) that the model finds most likely given its prompt; K=1 draws image i from
+(seed, i) itself. Requests are cut into batches of `batch_size` images,
 each split over the mesh's data-parallel axes; the last batch is padded to the size of the others (so one
 compilation serves them all) and the padding dropped.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import numbers
 import os
 import warnings
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
@@ -44,6 +48,7 @@ class Samples:
     seed: int
     settings: SamplingSettings
     truncated: tuple[bool, ...]  # whether each prompt lost tokens to fit text_length
+    scores: np.ndarray  # float32 (prompts, num_images): log p(image_ids | prompt) under the conditional model
 
     @property
     def num_images(self) -> int:
@@ -51,7 +56,8 @@ class Samples:
 
     @property
     def indices(self) -> np.ndarray:
-        """(prompts, num_images): the index i that, with `seed`, determines each image."""
+        """(prompts, num_images): the index i that, with `seed` (and `settings.candidates`), determines each
+        image."""
         return np.arange(self.images.shape[0] * self.num_images).reshape(self.images.shape[:2])
 
     def grid(self) -> np.ndarray:
@@ -64,7 +70,7 @@ class Samples:
         uncond = None if self.uncond_text_ids is None else self.uncond_text_ids.tolist()
         return [dict(prompt=self.prompts[p], seed=self.seed, index=int(self.indices[p, j]), **settings,
                      text_ids=self.text_ids[p].tolist(), uncond_text_ids=uncond,
-                     image_ids=self.image_ids[p, j].tolist())
+                     image_ids=self.image_ids[p, j].tolist(), score=float(self.scores[p, j]))
                 for p in range(len(self.prompts)) for j in range(self.num_images)]
 
 
@@ -115,9 +121,11 @@ class TextToImage:
         return int(self.vqgan.config.model.resolution)
 
     def sampling_settings(self, *, temperature: float | None = None, top_k: int | None = None,
-                          top_p: float | None = None, cond_scale: float | None = None) -> SamplingSettings:
+                          top_p: float | None = None, cond_scale: float | None = None,
+                          candidates: int | None = None) -> SamplingSettings:
         """`default_settings` with the given fields replaced (None keeps the default), checked."""
-        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
+        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale,
+                     candidates=candidates)
         settings = dataclasses.replace(self.default_settings, **{k: v for k, v in given.items() if v is not None})
         settings.validate()
         return settings
@@ -136,43 +144,48 @@ class TextToImage:
 
     def __call__(self, prompts: str | Sequence[str], num_images: int = 1, *, seed: int = 0,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
-                 cond_scale: float | None = None, batch_size: int | None = None,
+                 cond_scale: float | None = None, candidates: int | None = None, batch_size: int | None = None,
                  progress: bool = False) -> Samples:
         """Samples `num_images` images per prompt. Settings left as None take `default_settings`' value;
-        `cond_scale=1` samples without guidance, `progress` shows a bar over batches."""
+        `cond_scale=1` samples without guidance, `candidates=K` keeps the likeliest of K draws per image,
+        `progress` shows a bar over batches."""
         prompts = _check_prompts(prompts)
         num_images = _positive_int("num_images", num_images)
         batch_size = _positive_int("batch_size", self.batch_size if batch_size is None else batch_size)
         seed = _check_seed(seed)
-        settings = self.sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
+        settings = self.sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale,
+                                          candidates=candidates)
         text_ids, truncated = self.encode_prompts(prompts)
-        codes, images = self.generate(np.repeat(text_ids, num_images, axis=0), seed, settings,
-                                      batch_size=batch_size, progress=progress)
+        codes, images, scores = self.generate(np.repeat(text_ids, num_images, axis=0), seed, settings,
+                                              batch_size=batch_size, progress=progress)
         shape = (len(prompts), num_images)
         return Samples(prompts=prompts, images=images.reshape(*shape, *images.shape[1:]),
                        image_ids=codes.reshape(*shape, codes.shape[-1]), text_ids=text_ids,
                        uncond_text_ids=self.seq2seq.setup.empty_text_ids if settings.guided else None,
-                       seed=seed, settings=settings, truncated=truncated)
+                       seed=seed, settings=settings, truncated=truncated, scores=scores.reshape(shape))
 
     def generate(self, text_ids: np.ndarray, seed: int, settings: SamplingSettings, *,
-                 batch_size: int | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Row i of `text_ids` (N, text_length) -> image i, drawn from (seed, i): returns the codes
-        (N, image_length) int32 and the images (N, H, W, 3) uint8."""
+                 batch_size: int | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Row i of `text_ids` (N, text_length) -> image i, the likeliest of `settings.candidates` draws from
+        (seed, i*K + c): returns the codes (N, image_length) int32, the images (N, H, W, 3) uint8 and the scores
+        (N,) float32, log p(codes | prompt)."""
         settings.validate()
         text_ids = np.asarray(text_ids)
         if text_ids.ndim != 2 or text_ids.shape[0] == 0 or text_ids.shape[1] != self.text_length:
             raise ValueError(f"text_ids must have shape (N >= 1, text_length={self.text_length}), got "
                              f"{text_ids.shape}; encode prompts with encode_prompts().")
-        total = len(text_ids)
+        total, candidates = len(text_ids), settings.candidates
         ways = parallel.batch_parallelism(self.mesh)
-        batch = -(-min(batch_size or self.batch_size, total) // ways) * ways
-        codes, images = [], []
+        # Images per call: a batch of `batch_size` draws holds batch_size // candidates images (at least one).
+        batch = -(-min(max((batch_size or self.batch_size) // candidates, 1), total) // ways) * ways
+        codes, images, scores = [], [], []
         bar = tqdm(total=-(-total // batch), desc="sampling", unit="batch", disable=not progress)
 
         def fetch(pending):
-            tokens, pixels, rows = pending
+            tokens, pixels, best_scores, rows = pending
             codes.append(np.asarray(jax.device_get(tokens))[:rows])
             images.append(np.asarray(jax.device_get(pixels))[:rows])
+            scores.append(np.asarray(jax.device_get(best_scores))[:rows])
             bar.update(1)
 
         pending = None
@@ -182,16 +195,19 @@ class TextToImage:
             ids[:rows] = text_ids[start:start + rows]
             indices = np.zeros((batch,), np.int64)
             indices[:rows] = np.arange(start, start + rows)
-            tokens = sampling.sample_image_tokens(
-                self._graphdef, self._state, ids, self.seq2seq.setup.empty_text_ids, seed, indices, settings,
-                mesh=self.mesh, sharding_rules=self.seq2seq.config.sharding_rules)
+            tokens, drawn_scores = sampling.sample_image_tokens(
+                self._graphdef, self._state, np.repeat(ids, candidates, axis=0), self.seq2seq.setup.empty_text_ids,
+                seed, (indices[:, None] * candidates + np.arange(candidates)).reshape(-1), settings,
+                mesh=self.mesh, sharding_rules=self.seq2seq.config.sharding_rules, with_scores=True)
+            if candidates > 1:
+                tokens, drawn_scores = _likeliest(tokens, drawn_scores, candidates)
             # Dispatch this batch before waiting for the previous one, so the device never idles on the host.
             if pending is not None:
                 fetch(pending)
-            pending = (tokens, self._decode(self.vqgan.params, tokens), rows)
+            pending = (tokens, self._decode(self.vqgan.params, tokens), drawn_scores, rows)
         fetch(pending)
         bar.close()
-        return np.concatenate(codes), np.concatenate(images)
+        return np.concatenate(codes), np.concatenate(images), np.concatenate(scores)
 
     def decode(self, image_ids) -> np.ndarray:
         """(N, image_length) codes -> uint8 (N, H, W, 3) images, through the VQGAN decoder."""
@@ -199,6 +215,17 @@ class TextToImage:
         if image_ids.ndim != 2 or image_ids.shape[1] != self.vqgan.grid_size ** 2:
             raise ValueError(f"image_ids must have shape (N, {self.vqgan.grid_size ** 2}), got {image_ids.shape}.")
         return np.asarray(jax.device_get(self._decode(self.vqgan.params, image_ids)))
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _likeliest(tokens: jax.Array, scores: jax.Array, candidates: int) -> tuple[jax.Array, jax.Array]:
+    """(N*K, L) tokens and (N*K,) scores, K consecutive rows per image -> the (N, L) rows of highest score, and
+    their scores."""
+    scores = scores.reshape(-1, candidates)
+    best = jnp.argmax(scores, axis=1)
+    tokens = tokens.reshape(scores.shape[0], candidates, -1)
+    return (jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0],
+            jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0])
 
 
 def _vqgan_workdir(workdir: str, config, override: str | None) -> str:

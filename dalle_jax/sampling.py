@@ -39,12 +39,16 @@ class SamplingSettings:
     top_k: int | None = None  # keep only the k most likely codebook entries; None keeps all
     top_p: float = 1.0  # keep the smallest set of most likely entries whose probability reaches top_p; 1.0 = off
     cond_scale: float = 3.0  # guidance: uncond + cond_scale * (cond - uncond); 1.0 = conditional only
+    # Images drawn per image returned: `TextToImage` keeps the one the model finds most likely given its prompt
+    # (the highest log p(image | prompt)). `sample_image_tokens` itself draws one image per row.
+    candidates: int = 1
 
     @classmethod
     def from_config(cls, sampling_cfg) -> "SamplingSettings":
         """From a run's `config.sampling` block (`top_k` 0 means no top-k filter)."""
         settings = cls(temperature=float(sampling_cfg.temperature), top_k=int(sampling_cfg.top_k) or None,
-                       top_p=float(sampling_cfg.top_p), cond_scale=float(sampling_cfg.cond_scale))
+                       top_p=float(sampling_cfg.top_p), cond_scale=float(sampling_cfg.cond_scale),
+                       candidates=int(sampling_cfg.get("candidates", 1)))
         settings.validate()
         return settings
 
@@ -62,6 +66,9 @@ class SamplingSettings:
                 and self.cond_scale >= 0):
             raise ValueError(f"cond_scale={self.cond_scale!r} must be a finite number >= 0 (1.0 = no guidance, "
                              f"0 = unconditional).")
+        if (isinstance(self.candidates, bool) or not isinstance(self.candidates, numbers.Integral)
+                or self.candidates < 1):
+            raise ValueError(f"candidates={self.candidates!r} must be an integer >= 1 (1 keeps every image drawn).")
 
     @property
     def guided(self) -> bool:
@@ -159,15 +166,23 @@ def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
 
 def next_token_logits(model, tokens: jax.Array, position: jax.Array, cache: cached_decoding.KeyValues,
                       cross_kv: cached_decoding.KeyValues, cross_mask: jax.Array, *, guided: bool,
-                      cond_scale=1.0) -> tuple[jax.Array, cached_decoding.KeyValues]:
-    """The (B, vocab) logits of position `position` given each image's previous token `tokens` (B,). When
-    `guided`, the cache and prompt rows are interleaved conditional/unconditional (2B rows)."""
+                      cond_scale=1.0) -> tuple[jax.Array, jax.Array, cached_decoding.KeyValues]:
+    """The (B, vocab) logits of position `position` given each image's previous token `tokens` (B,), guided, and
+    the conditional ones alone. When `guided`, the cache and prompt rows are interleaved conditional/unconditional
+    (2B rows)."""
     if not guided:
-        return cached_decoding.decode_step(model, tokens, position, cache, cross_kv, cross_mask)
+        logits, cache = cached_decoding.decode_step(model, tokens, position, cache, cross_kv, cross_mask)
+        return logits, logits, cache
     logits, cache = cached_decoding.decode_step(
         model, jnp.repeat(tokens, 2), position, cache, cross_kv, cross_mask)
     pairs = logits.reshape(tokens.shape[0], 2, logits.shape[-1])
-    return guide(pairs[:, 0], pairs[:, 1], cond_scale), cache
+    return guide(pairs[:, 0], pairs[:, 1], cond_scale), pairs[:, 0], cache
+
+
+def token_log_probs(logits: jax.Array, tokens: jax.Array, image_vocab_size: int) -> jax.Array:
+    """log p(token) of each row's (B,) token under its (B, vocab) logits, softmax over the codebook only."""
+    log_probs = jax.nn.log_softmax(restrict_to_codebook(logits.astype(jnp.float32), image_vocab_size), axis=-1)
+    return jnp.take_along_axis(log_probs, tokens[:, None], axis=-1)[:, 0]
 
 
 def _row_products_pay(rows: int, mesh: Mesh | None) -> bool:
@@ -188,7 +203,7 @@ def with_row_products(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[nnx.Gra
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "guided", "top_k", "mesh", "rules"))
 def _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, knobs: dict, *, guided: bool,
-            top_k: int | None, mesh: Mesh | None, rules) -> jax.Array:
+            top_k: int | None, mesh: Mesh | None, rules) -> tuple[jax.Array, jax.Array]:
     with parallel.activation_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext():
         model = nnx.merge(graphdef, state)
         batch = text_ids.shape[0]
@@ -201,11 +216,11 @@ def _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, knobs: d
         step_graphdef, step_state = nnx.split(model)
 
         def step(carry, position):
-            tokens, cache = carry
+            tokens, cache, scores = carry
             # The loop body is its own trace: it needs Variables of its own, not the ones merged outside it.
             step_model = nnx.merge(step_graphdef, step_state, copy=True)
-            logits, cache = next_token_logits(step_model, tokens, position, cache, cross_kv, cross_mask,
-                                              guided=guided, cond_scale=knobs["cond_scale"])
+            logits, cond_logits, cache = next_token_logits(step_model, tokens, position, cache, cross_kv,
+                                                           cross_mask, guided=guided, cond_scale=knobs["cond_scale"])
             logits = filter_logits(logits, model.image_vocab_size, knobs["temperature"])
             step_keys = jax.vmap(jax.random.fold_in, (0, None))(keys, position)
             if top_k is not None:
@@ -215,11 +230,14 @@ def _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, knobs: d
             else:
                 tokens = draw(step_keys, logits)
             tokens = parallel.constrain(tokens, TOKENS_ACTIVATION)
-            return (tokens, cache), tokens
+            scores = scores + token_log_probs(cond_logits, tokens, model.image_vocab_size)
+            return (tokens, cache, scores), tokens
 
         start = parallel.constrain(jnp.full((batch,), model.start_token, jnp.int32), TOKENS_ACTIVATION)
-        _, tokens = jax.lax.scan(step, (start, cache), jnp.arange(model.image_length, dtype=jnp.int32))
-        return parallel.constrain(tokens.T, TEXT_ACTIVATION)
+        scores = parallel.constrain(jnp.zeros((batch,), jnp.float32), TOKENS_ACTIVATION)
+        (_, _, scores), tokens = jax.lax.scan(step, (start, cache, scores),
+                                              jnp.arange(model.image_length, dtype=jnp.int32))
+        return parallel.constrain(tokens.T, TEXT_ACTIVATION), scores
 
 
 def _knobs(settings: SamplingSettings) -> dict:
@@ -264,8 +282,9 @@ def _hashable_rules(rules) -> tuple:
 
 
 def sample_image_tokens(graphdef: nnx.GraphDef, state: nnx.State, text_ids, uncond_text_ids, seeds, indices,
-                        settings: SamplingSettings, *, mesh: Mesh | None = None, sharding_rules=None) -> jax.Array:
-    """Samples one image's tokens per prompt row.
+                        settings: SamplingSettings, *, mesh: Mesh | None = None, sharding_rules=None,
+                        with_scores: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """Samples one image's tokens per prompt row (`settings.candidates` is not used here).
 
     graphdef, state: `nnx.split(model)` of a DalleBart (all of its state, so it merges whole). On a mesh the
       state must already be placed on that mesh's devices (replicated, or by `parallel.state_shardings`).
@@ -276,7 +295,8 @@ def sample_image_tokens(graphdef: nnx.GraphDef, state: nnx.State, text_ids, unco
       `(seeds[b], indices[b])` alone.
     mesh: the batch is split over its data-parallel axes (B must be divisible by data x fsdp);
       `sharding_rules` (the config's logical-axis rules) then also place the model's activations.
-    Returns (B, image_length) int32 codebook indices.
+    Returns (B, image_length) int32 codebook indices; with `with_scores`, also (B,) float32 log p(tokens | prompt)
+    under the conditional model alone (no guidance, temperature or filters: what teacher forcing would give).
     """
     settings.validate()
     text_ids = _as_id_array("text_ids", text_ids)
@@ -298,5 +318,6 @@ def sample_image_tokens(graphdef: nnx.GraphDef, state: nnx.State, text_ids, unco
         rules = _hashable_rules(sharding_rules or BATCH_ONLY_RULES)
         text_ids, uncond_text_ids, seeds, indices = jax.device_put(
             (text_ids, uncond_text_ids, seeds, indices), parallel.batch_sharding(mesh))
-    return _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, _knobs(settings),
-                   guided=settings.guided, top_k=settings.top_k, mesh=mesh, rules=rules)
+    tokens, scores = _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, _knobs(settings),
+                             guided=settings.guided, top_k=settings.top_k, mesh=mesh, rules=rules)
+    return (tokens, scores) if with_scores else tokens

@@ -71,6 +71,17 @@ def test_top_k_1_is_greedy_on_the_guided_teacher_forced_logits(split_model, teac
         assert np.any(tokens != guided_free_greedy(split_model))
 
 
+def test_scores_are_the_conditional_teacher_forced_log_likelihoods(split_model, teacher_forced):
+    graphdef, state = split_model
+    tokens, scores = sampling.sample_image_tokens(graphdef, state, PROMPTS, EMPTY_CAPTION, 0, np.arange(4),
+                                                  STOCHASTIC, with_scores=True)
+    logits = teacher_forced(PROMPTS, np.asarray(tokens))[..., :CODEBOOK]  # the prompts alone: no guidance
+    log_probs = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), axis=-1))
+    expected = np.take_along_axis(log_probs, np.asarray(tokens)[..., None], axis=-1)[..., 0].sum(-1)
+    np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(tokens), sample(split_model, PROMPTS))  # the same draws as without
+
+
 def guided_free_greedy(split_model):
     return sample(split_model, PROMPTS, settings=SamplingSettings(top_k=1, temperature=0.7, cond_scale=1.0))
 
@@ -196,6 +207,8 @@ def test_guide_formula():
     ({"temperature": 0.0}, "temperature"),
     ({"temperature": -1.0}, "temperature"),
     ({"top_k": 0}, "top_k"),
+    ({"candidates": 0}, "candidates"),
+    ({"candidates": 2.0}, "candidates"),
     ({"top_k": 2.5}, "top_k"),
     ({"top_p": 0.0}, r"top_p.*\(0, 1\]"),
     ({"top_p": 1.5}, r"top_p.*\(0, 1\]"),

@@ -8,7 +8,7 @@ caption; scene = its `scene`), or from a JSONL file of `{"prompt": str, "scene":
 `dalle_jax.data.shapes_scene`). Example i of a set is sampled from (seed, i), so a report can be reproduced
 image by image. The report (a JSON object, also returned by `evaluate_samples`):
 
-    {"workdir", "step", "seed", "settings": {"temperature", "top_k", "top_p", "cond_scale"},
+    {"workdir", "step", "seed", "settings": {"temperature", "top_k", "top_p", "cond_scale", "candidates"},
      "sets": {name: {"source", "count", "accuracy",
                      "attributes": {attribute: {"accuracy": float | null, "count": int}},
                      "one_object_pairs": {"<colour> <shape>": {"accuracy": float, "count": int, "shape": float}},
@@ -129,13 +129,14 @@ def evaluate_examples(pipe: TextToImage, examples: Sequence[Example], *, seed: i
 def evaluate_samples(pipe: TextToImage, *, splits: Sequence[str] = DEFAULT_SPLITS, prompts_file: str | None = None,
                      max_examples: int | None = None, seed: int = 0, batch_size: int | None = None,
                      progress: bool = True, temperature: float | None = None, top_k: int | None = None,
-                     top_p: float | None = None, cond_scale: float | None = None) -> dict:
+                     top_p: float | None = None, cond_scale: float | None = None,
+                     candidates: int | None = None) -> dict:
     """The report (see the module docstring) on the splits of `pipe`'s work directory, or on `prompts_file`
     instead when it is given. Settings left as None take the pipeline's defaults (the run's config.sampling)."""
     if max_examples is not None and (isinstance(max_examples, bool) or not isinstance(max_examples, numbers.Integral)
                                      or max_examples < 1):
         raise ValueError(f"max_examples={max_examples!r} must be an integer >= 1, or None for every example.")
-    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale)
+    given = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale, candidates=candidates)
     settings = pipe.sampling_settings(**given)
     workdir = pipe.seq2seq.workdir
     if prompts_file is not None:
@@ -168,7 +169,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("top_k", None, "Sample among the k most likely codes (>= 1; default: the run's).", **fv)
     flags.DEFINE_float("top_p", None, "Nucleus mass in (0, 1] (1: off; default: the run's).", **fv)
     flags.DEFINE_float("cond_scale", None, "Guidance scale (1: off; default: the run's).", **fv)
-    flags.DEFINE_integer("batch_size", 16, "Images per sampling batch.", **fv)
+    flags.DEFINE_integer("candidates", None, "Draws per image, of which the likeliest given its prompt is kept "
+                         "(>= 1; default: the run's).", **fv)
+    flags.DEFINE_integer("batch_size", 16, "Images drawn per sampling batch (candidates count each).", **fv)
     flags.DEFINE_string("vqgan_workdir", None, "The VQGAN's work directory (default: the run's "
                         "config.vqgan_workdir).", **fv)
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).", **fv)
@@ -181,7 +184,8 @@ def run(fv: flags.FlagValues) -> dict:
         raise app.UsageError(f"--max_examples={fv.max_examples} must be at least 1.")
     if fv.batch_size < 1:
         raise app.UsageError(f"--batch_size={fv.batch_size} must be at least 1.")
-    given = dict(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p, cond_scale=fv.cond_scale)
+    given = dict(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p, cond_scale=fv.cond_scale,
+                 candidates=fv.candidates)
     try:
         # The given settings on top of any valid ones: the run's defaults are checked when it is loaded.
         dataclasses.replace(SamplingSettings(), **{k: v for k, v in given.items() if v is not None}).validate()

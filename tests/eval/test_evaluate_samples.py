@@ -73,7 +73,7 @@ def test_one_object_pairs_split_the_one_object_scenes_by_colour_and_shape(sampli
 
 def test_report_structure(report, pipe):
     assert set(report) == {"workdir", "step", "seed", "settings", "sets"}
-    assert report["step"] == 12 and report["seed"] == 3 and report["settings"] == SETTINGS
+    assert report["step"] == 12 and report["seed"] == 3 and report["settings"] == dict(SETTINGS, candidates=1)
     assert report["workdir"] == pipe.seq2seq.workdir
     assert list(report["sets"]) == ["test", "test_compositional"]
     for result in report["sets"].values():
@@ -81,6 +81,21 @@ def test_report_structure(report, pipe):
         assert result["count"] == len(result["examples"]) == 4
         assert set(result["attributes"]) == set(judge.ATTRIBUTES)
     json.dumps(report)  # plain JSON types only
+
+
+def test_candidates_reach_the_sampler(pipe, monkeypatch):
+    drawn = []
+    generate = pipe.generate
+
+    def spy(text_ids, seed, settings, **kw):
+        drawn.append(settings.candidates)
+        return generate(text_ids, seed, settings, **kw)
+
+    monkeypatch.setattr(pipe, "generate", spy)
+    report = ev.evaluate_samples(pipe, splits=["test"], max_examples=3, seed=3, progress=False, candidates=2,
+                                 **SETTINGS)
+    assert report["settings"]["candidates"] == 2 and drawn == [2]
+    assert report["sets"]["test"]["count"] == 3
 
 
 def test_report_accuracy_is_the_mean_of_the_per_image_judgements(report, pipe):
