@@ -30,7 +30,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("num_images", 4, "Images per prompt.", **fv)
     flags.DEFINE_string("out", None, "Where to write the grid PNG (one row per prompt).", **fv)
     flags.DEFINE_string("out_dir", None, "Where to write one PNG per image and samples.jsonl.", **fv)
-    flags.DEFINE_integer("seed", 0, "Image i is drawn from (seed, i).", **fv)
+    flags.DEFINE_integer("seed", 0, "Image i is drawn from (seed, i), or chosen among (seed, iK + c) with "
+                         "--candidates K.", **fv)
     flags.DEFINE_float("cond_scale", None, "Guidance scale (1: off; default: the run's config.sampling).", **fv)
     flags.DEFINE_float("temperature", None, "Softmax temperature (> 0; default: the run's).", **fv)
     flags.DEFINE_integer("top_k", None, "Sample among the k most likely codes (>= 1; default: the run's).", **fv)

@@ -108,7 +108,8 @@ class DalleJaxRunner:
             args = (self.graphdef, self.state, self.ids, np.broadcast_to(self.empty, self.ids.shape),
                     np.zeros(self.images, np.uint32), np.arange(self.images, dtype=np.uint32),
                     sampling._knobs(self.settings))
-            sampling._sample.lower(*args, guided=True, top_k=self.settings.top_k, mesh=None, rules=None).compile()
+            sampling._sample.lower(*args, guided=True, top_k=self.settings.top_k, mesh=None, rules=None,
+                                   with_scores=False).compile()
         except (AttributeError, TypeError):
             self.run()
         return time.perf_counter() - start

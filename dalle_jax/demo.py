@@ -82,13 +82,16 @@ def run_demo(root: str, max_examples: int) -> dict:
 
     from dalle_jax.eval import evaluate_samples
     from dalle_jax.pipeline import TextToImage
+    from dalle_jax.sampling import SamplingSettings
     from PIL import Image
 
     pipe = None
 
     def load():
         nonlocal pipe
-        pipe = pipe or TextToImage.from_workdir(dalle_dir, batch_size=250)
+        # The recipe's sampling settings, also for a model trained before they changed (its config keeps the old).
+        pipe = pipe or TextToImage.from_workdir(dalle_dir, batch_size=250,
+                                                default_settings=SamplingSettings.from_config(dalle_config.sampling))
         return pipe
 
     samples_path = os.path.join(root, "samples.png")

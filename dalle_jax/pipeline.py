@@ -8,7 +8,7 @@
 Image i of a request (prompt i // num_images) draws its randomness from (seed, i) alone, so it comes out the
 same whatever the batch size and the number of devices. With `candidates=K`, image i is the one of K drawn from
 (seed, i*K), ..., (seed, i*K + K-1) that the model finds most likely given its prompt; K=1 draws image i from
-(seed, i) itself. Requests are cut into batches of `batch_size` images,
+(seed, i) itself. Requests are cut into batches of `batch_size` draws (batch_size // K images, at least one),
 each split over the mesh's data-parallel axes; the last batch is padded to the size of the others (so one
 compilation serves them all) and the padding dropped.
 """
@@ -49,6 +49,7 @@ class Samples:
     settings: SamplingSettings
     truncated: tuple[bool, ...]  # whether each prompt lost tokens to fit text_length
     scores: np.ndarray  # float32 (prompts, num_images): log p(image_ids | prompt) under the conditional model
+    draws: np.ndarray  # int64 (prompts, num_images): the index each image was drawn from, with `seed`
 
     @property
     def num_images(self) -> int:
@@ -70,7 +71,8 @@ class Samples:
         uncond = None if self.uncond_text_ids is None else self.uncond_text_ids.tolist()
         return [dict(prompt=self.prompts[p], seed=self.seed, index=int(self.indices[p, j]), **settings,
                      text_ids=self.text_ids[p].tolist(), uncond_text_ids=uncond,
-                     image_ids=self.image_ids[p, j].tolist(), score=float(self.scores[p, j]))
+                     image_ids=self.image_ids[p, j].tolist(), score=float(self.scores[p, j]),
+                     draw=int(self.draws[p, j]))
                 for p in range(len(self.prompts)) for j in range(self.num_images)]
 
 
@@ -156,19 +158,20 @@ class TextToImage:
         settings = self.sampling_settings(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale,
                                           candidates=candidates)
         text_ids, truncated = self.encode_prompts(prompts)
-        codes, images, scores = self.generate(np.repeat(text_ids, num_images, axis=0), seed, settings,
-                                              batch_size=batch_size, progress=progress)
+        codes, images, scores, draws = self.generate(np.repeat(text_ids, num_images, axis=0), seed, settings,
+                                                     batch_size=batch_size, progress=progress)
         shape = (len(prompts), num_images)
         return Samples(prompts=prompts, images=images.reshape(*shape, *images.shape[1:]),
                        image_ids=codes.reshape(*shape, codes.shape[-1]), text_ids=text_ids,
                        uncond_text_ids=self.seq2seq.setup.empty_text_ids if settings.guided else None,
-                       seed=seed, settings=settings, truncated=truncated, scores=scores.reshape(shape))
+                       seed=seed, settings=settings, truncated=truncated, scores=scores.reshape(shape),
+                       draws=draws.reshape(shape))
 
     def generate(self, text_ids: np.ndarray, seed: int, settings: SamplingSettings, *,
-                 batch_size: int | None = None, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Row i of `text_ids` (N, text_length) -> image i, the likeliest of `settings.candidates` draws from
-        (seed, i*K + c): returns the codes (N, image_length) int32, the images (N, H, W, 3) uint8 and the scores
-        (N,) float32, log p(codes | prompt)."""
+                 batch_size: int | None = None, progress: bool = False) -> tuple[np.ndarray, ...]:
+        """Row i of `text_ids` (N, text_length) -> image i, the likeliest of the K = `settings.candidates` draws
+        from (seed, i*K + c), c < K: returns the codes (N, image_length) int32, the images (N, H, W, 3) uint8, the
+        scores (N,) float32, log p(codes | prompt), and the index i*K + c each image was drawn from (N,) int64."""
         settings.validate()
         text_ids = np.asarray(text_ids)
         if text_ids.ndim != 2 or text_ids.shape[0] == 0 or text_ids.shape[1] != self.text_length:
@@ -178,14 +181,15 @@ class TextToImage:
         ways = parallel.batch_parallelism(self.mesh)
         # Images per call: a batch of `batch_size` draws holds batch_size // candidates images (at least one).
         batch = -(-min(max((batch_size or self.batch_size) // candidates, 1), total) // ways) * ways
-        codes, images, scores = [], [], []
+        codes, images, scores, draws = [], [], [], []
         bar = tqdm(total=-(-total // batch), desc="sampling", unit="batch", disable=not progress)
 
         def fetch(pending):
-            tokens, pixels, best_scores, rows = pending
+            tokens, pixels, best_scores, best_draws, rows = pending
             codes.append(np.asarray(jax.device_get(tokens))[:rows])
             images.append(np.asarray(jax.device_get(pixels))[:rows])
             scores.append(np.asarray(jax.device_get(best_scores))[:rows])
+            draws.append(np.asarray(jax.device_get(best_draws), np.int64)[:rows])
             bar.update(1)
 
         pending = None
@@ -195,19 +199,23 @@ class TextToImage:
             ids[:rows] = text_ids[start:start + rows]
             indices = np.zeros((batch,), np.int64)
             indices[:rows] = np.arange(start, start + rows)
+            indices = (indices[:, None] * candidates + np.arange(candidates)).reshape(-1)
             tokens, drawn_scores = sampling.sample_image_tokens(
                 self._graphdef, self._state, np.repeat(ids, candidates, axis=0), self.seq2seq.setup.empty_text_ids,
-                seed, (indices[:, None] * candidates + np.arange(candidates)).reshape(-1), settings,
-                mesh=self.mesh, sharding_rules=self.seq2seq.config.sharding_rules, with_scores=True)
+                seed, indices, settings, mesh=self.mesh, sharding_rules=self.seq2seq.config.sharding_rules,
+                with_scores=True)
+            best = np.arange(batch) * candidates
             if candidates > 1:
-                tokens, drawn_scores = _likeliest(tokens, drawn_scores, candidates)
+                tokens, drawn_scores, chosen = _likeliest(tokens, drawn_scores, candidates)
+                best = best + chosen
             # Dispatch this batch before waiting for the previous one, so the device never idles on the host.
             if pending is not None:
                 fetch(pending)
-            pending = (tokens, self._decode(self.vqgan.params, tokens), drawn_scores, rows)
+            pending = (tokens, self._decode(self.vqgan.params, tokens), drawn_scores, jnp.asarray(indices)[best],
+                       rows)
         fetch(pending)
         bar.close()
-        return np.concatenate(codes), np.concatenate(images), np.concatenate(scores)
+        return tuple(np.concatenate(parts) for parts in (codes, images, scores, draws))
 
     def decode(self, image_ids) -> np.ndarray:
         """(N, image_length) codes -> uint8 (N, H, W, 3) images, through the VQGAN decoder."""
@@ -218,14 +226,14 @@ class TextToImage:
 
 
 @functools.partial(jax.jit, static_argnums=2)
-def _likeliest(tokens: jax.Array, scores: jax.Array, candidates: int) -> tuple[jax.Array, jax.Array]:
-    """(N*K, L) tokens and (N*K,) scores, K consecutive rows per image -> the (N, L) rows of highest score, and
-    their scores."""
+def _likeliest(tokens: jax.Array, scores: jax.Array, candidates: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(N*K, L) tokens and (N*K,) scores, K consecutive rows per image -> the (N, L) rows of highest score, their
+    scores, and which of its K rows each is."""
     scores = scores.reshape(-1, candidates)
     best = jnp.argmax(scores, axis=1)
     tokens = tokens.reshape(scores.shape[0], candidates, -1)
     return (jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0],
-            jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0])
+            jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0], best)
 
 
 def _vqgan_workdir(workdir: str, config, override: str | None) -> str:

@@ -201,9 +201,9 @@ def with_row_products(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[nnx.Gra
     return nnx.split(model)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "guided", "top_k", "mesh", "rules"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "guided", "top_k", "mesh", "rules", "with_scores"))
 def _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, knobs: dict, *, guided: bool,
-            top_k: int | None, mesh: Mesh | None, rules) -> tuple[jax.Array, jax.Array]:
+            top_k: int | None, mesh: Mesh | None, rules, with_scores: bool = False) -> tuple[jax.Array, jax.Array]:
     with parallel.activation_sharding(mesh, rules) if mesh is not None else contextlib.nullcontext():
         model = nnx.merge(graphdef, state)
         batch = text_ids.shape[0]
@@ -230,7 +230,8 @@ def _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, knobs: d
             else:
                 tokens = draw(step_keys, logits)
             tokens = parallel.constrain(tokens, TOKENS_ACTIVATION)
-            scores = scores + token_log_probs(cond_logits, tokens, model.image_vocab_size)
+            if with_scores:
+                scores = scores + token_log_probs(cond_logits, tokens, model.image_vocab_size)
             return (tokens, cache, scores), tokens
 
         start = parallel.constrain(jnp.full((batch,), model.start_token, jnp.int32), TOKENS_ACTIVATION)
@@ -319,5 +320,6 @@ def sample_image_tokens(graphdef: nnx.GraphDef, state: nnx.State, text_ids, unco
         text_ids, uncond_text_ids, seeds, indices = jax.device_put(
             (text_ids, uncond_text_ids, seeds, indices), parallel.batch_sharding(mesh))
     tokens, scores = _sample(graphdef, state, text_ids, uncond_text_ids, seeds, indices, _knobs(settings),
-                             guided=settings.guided, top_k=settings.top_k, mesh=mesh, rules=rules)
+                             guided=settings.guided, top_k=settings.top_k, mesh=mesh, rules=rules,
+                             with_scores=with_scores)
     return (tokens, scores) if with_scores else tokens

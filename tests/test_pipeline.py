@@ -129,27 +129,32 @@ def test_image_i_is_the_same_whatever_the_batch(pipe):
     alone = pipe(prompts[1:] * 2, num_images=2, seed=5, **SETTINGS)
     np.testing.assert_array_equal(alone.image_ids[1], reference.image_ids[1])
     assert np.any(alone.image_ids[0] != reference.image_ids[1])
-    codes, _, _ = pipe.generate(np.repeat(reference.text_ids, 2, axis=0), 5, SamplingSettings(**SETTINGS))
+    codes = pipe.generate(np.repeat(reference.text_ids, 2, axis=0), 5, SamplingSettings(**SETTINGS))[0]
     np.testing.assert_array_equal(codes, reference.image_ids.reshape(4, 64))
     assert np.any(pipe(prompts, num_images=2, seed=6, **SETTINGS).image_ids != reference.image_ids)
 
 
 def test_candidates_keep_the_likeliest_of_the_draws_at_their_indices(pipe):
     settings = SamplingSettings(**SETTINGS)
-    text_ids = pipe.encode_prompts(PROMPTS)[0]
+    prompts = [*PROMPTS, "a blue square"]
+    text_ids = pipe.encode_prompts(prompts)[0]
     # Image i of 3 candidates is one of the single draws at indices 3i, 3i+1, 3i+2: the one of highest score.
-    singles, _, single_scores = pipe.generate(np.repeat(text_ids, 3, axis=0), 7, settings)
-    best = np.argmax(single_scores.reshape(2, 3), axis=1) + np.arange(2) * 3
-    for batch_size in (3, 16):
-        chosen = pipe(PROMPTS, num_images=1, seed=7, candidates=3, batch_size=batch_size, **SETTINGS)
+    singles, _, single_scores, single_draws = pipe.generate(np.repeat(text_ids, 3, axis=0), 7, settings)
+    np.testing.assert_array_equal(single_draws, np.arange(9))
+    best = np.argmax(single_scores.reshape(3, 3), axis=1) + np.arange(3) * 3
+    # Batches of 16 draws hold all 5 images; of 6 draws, 2 images, the last batch one image and one of padding.
+    for batch_size in (6, 16):
+        chosen = pipe(prompts, num_images=1, seed=7, candidates=3, batch_size=batch_size, **SETTINGS)
         np.testing.assert_array_equal(chosen.image_ids[:, 0], singles[best])
         np.testing.assert_allclose(chosen.scores[:, 0], single_scores[best], rtol=1e-6)
+        np.testing.assert_array_equal(chosen.draws[:, 0], best)
         np.testing.assert_array_equal(chosen.images[:, 0], pipe.decode(singles[best]))
-    assert chosen.records()[0]["candidates"] == 3 and chosen.records()[0]["score"] == chosen.scores[0, 0]
-    # One candidate is the plain draw at index i.
-    plain = pipe(PROMPTS, num_images=1, seed=7, **SETTINGS)
-    np.testing.assert_array_equal(pipe(PROMPTS, num_images=1, seed=7, candidates=1, **SETTINGS).image_ids,
-                                  plain.image_ids)
+    record = chosen.records()[1]
+    assert record["candidates"] == 3 and record["score"] == chosen.scores[1, 0] and record["draw"] == best[1]
+    # One candidate is the plain draw at index i: prompt 0 at index 0 is the first single draw above.
+    plain_codes, _, _, plain_draws = pipe.generate(text_ids, 7, dataclasses.replace(settings, candidates=1))
+    np.testing.assert_array_equal(plain_codes[0], singles[0])
+    np.testing.assert_array_equal(plain_draws, np.arange(3))
 
 
 def test_cond_scale_one_is_conditional_only(pipe):

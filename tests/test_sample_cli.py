@@ -18,7 +18,7 @@ from tests.test_pipeline import sampling_workdir  # noqa: F401  (the shared tiny
 PROMPTS = ["a small red circle in the top left", "a green triangle above a purple circle", ""]
 SETTINGS = ["--temperature=1.2", "--top_k=16", "--top_p=0.95", "--cond_scale=3"]
 RECORD_KEYS = {"prompt", "seed", "index", "temperature", "top_k", "top_p", "cond_scale", "candidates", "text_ids",
-               "uncond_text_ids", "image_ids", "score", "file", "workdir", "step"}
+               "uncond_text_ids", "image_ids", "score", "draw", "file", "workdir", "step"}
 
 
 def run_cli(*args):

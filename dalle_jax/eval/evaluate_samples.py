@@ -5,8 +5,9 @@
 
 The examples come from the work directory's image-token records (caption = the record's first, canonical
 caption; scene = its `scene`), or from a JSONL file of `{"prompt": str, "scene": scene}` lines (a scene as in
-`dalle_jax.data.shapes_scene`). Example i of a set is sampled from (seed, i), so a report can be reproduced
-image by image. The report (a JSON object, also returned by `evaluate_samples`):
+`dalle_jax.data.shapes_scene`). Example i of a set is sampled from (seed, i) (with K candidates: the likeliest of
+(seed, iK), ..., (seed, iK + K-1)), so a report can be reproduced image by image. The report (a JSON object, also
+returned by `evaluate_samples`):
 
     {"workdir", "step", "seed", "settings": {"temperature", "top_k", "top_p", "cond_scale", "candidates"},
      "sets": {name: {"source", "count", "accuracy",
@@ -120,7 +121,8 @@ def one_object_pairs(examples: Sequence[Example], judgements: Sequence[judge_lib
 
 def evaluate_examples(pipe: TextToImage, examples: Sequence[Example], *, seed: int = 0, batch_size: int | None = None,
                       progress: bool = False, **settings) -> dict:
-    """Samples image i of `examples[i].prompt` from (seed, i) with `pipe` (a `TextToImage`) and judges it."""
+    """Samples image i of `examples[i].prompt` from (seed, i) (or its candidates, see `TextToImage`) with `pipe`
+    and judges it."""
     samples = pipe([e.prompt for e in examples], num_images=1, seed=seed, batch_size=batch_size, progress=progress,
                    **settings)
     return judge_images(examples, samples.images[:, 0])
@@ -164,7 +166,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("prompts_file", None, "JSONL of {\"prompt\", \"scene\"} lines, evaluated instead of the "
                         "splits.", **fv)
     flags.DEFINE_integer("max_examples", None, "At most this many examples per set (default: all).", **fv)
-    flags.DEFINE_integer("seed", 0, "Example i is sampled from (seed, i).", **fv)
+    flags.DEFINE_integer("seed", 0, "Example i is sampled from (seed, i), or chosen among (seed, iK + c) with "
+                         "--candidates K.", **fv)
     flags.DEFINE_float("temperature", None, "Softmax temperature (> 0; default: the run's config.sampling).", **fv)
     flags.DEFINE_integer("top_k", None, "Sample among the k most likely codes (>= 1; default: the run's).", **fv)
     flags.DEFINE_float("top_p", None, "Nucleus mass in (0, 1] (1: off; default: the run's).", **fv)

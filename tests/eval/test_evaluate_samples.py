@@ -167,3 +167,9 @@ def test_bad_inputs_fail_before_sampling(sampling_workdir, pipe, tmp_path, monke
         "--max_examples=0"])
     with pytest.raises(app.UsageError, match="--max_examples=0 must be at least 1"):
         ev.run(fv)
+    fv = flags.FlagValues()
+    ev.define_flags(fv)
+    fv(["evaluate_samples", f"--workdir={sampling_workdir['workdir']}", f"--out={tmp_path / 'r.json'}",
+        "--candidates=0"])
+    with pytest.raises(app.UsageError, match="--candidates=0 must be an integer >= 1"):
+        ev.run(fv)
