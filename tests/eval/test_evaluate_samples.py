@@ -161,15 +161,10 @@ def test_bad_inputs_fail_before_sampling(sampling_workdir, pipe, tmp_path, monke
         examples=1, shards=[token_records.shard_filename("test", 0)])}))
     with pytest.raises(ValueError, match="has no scene: its dataset is not captioned_shapes"):
         ev.split_examples(str(tmp_path / "folder_run"), "test")
-    fv = flags.FlagValues()
-    ev.define_flags(fv)
-    fv(["evaluate_samples", f"--workdir={sampling_workdir['workdir']}", f"--out={tmp_path / 'r.json'}",
-        "--max_examples=0"])
-    with pytest.raises(app.UsageError, match="--max_examples=0 must be at least 1"):
-        ev.run(fv)
-    fv = flags.FlagValues()
-    ev.define_flags(fv)
-    fv(["evaluate_samples", f"--workdir={sampling_workdir['workdir']}", f"--out={tmp_path / 'r.json'}",
-        "--candidates=0"])
-    with pytest.raises(app.UsageError, match="--candidates=0 must be an integer >= 1"):
-        ev.run(fv)
+    for flag, message in (("--max_examples=0", "--max_examples=0 must be at least 1"),
+                          ("--candidates=0", "--candidates=0 must be an integer >= 1")):
+        fv = flags.FlagValues()
+        ev.define_flags(fv)
+        fv(["evaluate_samples", f"--workdir={sampling_workdir['workdir']}", f"--out={tmp_path / 'r.json'}", flag])
+        with pytest.raises(app.UsageError, match=message):
+            ev.run(fv)
