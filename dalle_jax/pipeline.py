@@ -57,8 +57,8 @@ class Samples:
 
     @property
     def indices(self) -> np.ndarray:
-        """(prompts, num_images): the index i that, with `seed` (and `settings.candidates`), determines each
-        image."""
+        """(prompts, num_images): each image's index i (with `seed`, it determines the image; `draws` holds the
+        index of the draw that was kept)."""
         return np.arange(self.images.shape[0] * self.num_images).reshape(self.images.shape[:2])
 
     def grid(self) -> np.ndarray:
@@ -199,19 +199,17 @@ class TextToImage:
             ids[:rows] = text_ids[start:start + rows]
             indices = np.zeros((batch,), np.int64)
             indices[:rows] = np.arange(start, start + rows)
-            indices = (indices[:, None] * candidates + np.arange(candidates)).reshape(-1)
             tokens, drawn_scores = sampling.sample_image_tokens(
                 self._graphdef, self._state, np.repeat(ids, candidates, axis=0), self.seq2seq.setup.empty_text_ids,
-                seed, indices, settings, mesh=self.mesh, sharding_rules=self.seq2seq.config.sharding_rules,
-                with_scores=True)
-            best = np.arange(batch) * candidates
+                seed, (indices[:, None] * candidates + np.arange(candidates)).reshape(-1), settings,
+                mesh=self.mesh, sharding_rules=self.seq2seq.config.sharding_rules, with_scores=True)
+            chosen = 0
             if candidates > 1:
                 tokens, drawn_scores, chosen = _likeliest(tokens, drawn_scores, candidates)
-                best = best + chosen
             # Dispatch this batch before waiting for the previous one, so the device never idles on the host.
             if pending is not None:
                 fetch(pending)
-            pending = (tokens, self._decode(self.vqgan.params, tokens), drawn_scores, jnp.asarray(indices)[best],
+            pending = (tokens, self._decode(self.vqgan.params, tokens), drawn_scores, indices * candidates + chosen,
                        rows)
         fetch(pending)
         bar.close()

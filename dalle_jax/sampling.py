@@ -90,9 +90,9 @@ def apply_temperature(logits: jax.Array, temperature) -> jax.Array:
 def truncate(logits: jax.Array, top_k, top_p) -> jax.Array:
     """Top-k, then top-p over what top-k kept. Top-k keeps the k largest logits (more where the k-th is tied);
     top-p keeps the smallest set of largest logits whose probability among the k largest reaches p (never empty;
-    ties with its smallest member kept too); p >= 1 keeps everything. A Python int `top_k` (as the sampler passes
-    it) takes the k largest by a partial sort (`lax.top_k`, 30x faster than sorting a 16k-code row on the CPU); a
-    traced one sorts the whole row."""
+    ties with its smallest member kept too); p >= 1 keeps everything. A Python int `top_k` takes the k largest by
+    a partial sort (`lax.top_k`), a traced one sorts the whole row. The sampler draws with `draw_top_k` when it has
+    a top-k (see there), and truncates with this for top-p alone."""
     vocab = logits.shape[-1]
     if isinstance(top_k, numbers.Integral) and not isinstance(top_k, bool):
         descending = jax.lax.top_k(logits, min(max(int(top_k), 1), vocab))[0]
@@ -135,11 +135,9 @@ def top_p_filter(logits: jax.Array, p) -> jax.Array:
     return truncate(logits, logits.shape[-1], p)
 
 
-def filter_logits(logits: jax.Array, image_vocab_size: int, temperature, truncation=None) -> jax.Array:
-    """Codebook restriction, temperature, then `truncate(logits, *truncation)` unless `truncation` is None:
-    the logits the next token is drawn from."""
-    logits = apply_temperature(restrict_to_codebook(logits, image_vocab_size), temperature)
-    return logits if truncation is None else truncate(logits, *truncation)
+def filter_logits(logits: jax.Array, image_vocab_size: int, temperature) -> jax.Array:
+    """Codebook restriction, then temperature: the logits top-k and top-p then truncate."""
+    return apply_temperature(restrict_to_codebook(logits, image_vocab_size), temperature)
 
 
 def guide(cond_logits: jax.Array, uncond_logits: jax.Array, cond_scale: float) -> jax.Array:

@@ -188,11 +188,11 @@ def test_ids_outside_the_codebook_are_never_drawn():
     logits = jnp.concatenate([jnp.zeros((1000, CODEBOOK)), jnp.full((1000, 32), 1e4)], axis=1)
     keys = jax.random.split(jax.random.key(0), 1000)
     for temperature, truncation in ((1e8, None), (1.0, (40, 1.0)), (1.0, (64, 1.0)), (1e8, (64, 0.99))):
-        drawn = np.asarray(draw(keys, filter_logits(logits, CODEBOOK, temperature, truncation)))
+        filtered = filter_logits(logits, CODEBOOK, temperature)
+        drawn = np.asarray(draw(keys, filtered if truncation is None else truncate(filtered, *truncation)))
         assert drawn.max() < CODEBOOK and len(set(drawn.tolist())) > CODEBOOK // 2
         if truncation is not None:  # the sampler's own path: top-k in the (B, k) space
-            drawn = np.asarray(jax.jit(sampling.draw_top_k, static_argnums=2)(
-                keys, filter_logits(logits, CODEBOOK, temperature), *truncation))
+            drawn = np.asarray(jax.jit(sampling.draw_top_k, static_argnums=2)(keys, filtered, *truncation))
             assert drawn.max() < CODEBOOK and len(set(drawn.tolist())) > CODEBOOK // 2
 
 
