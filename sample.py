@@ -6,8 +6,9 @@
 
 `--out` writes one grid picture (a row per prompt); `--out_dir` writes one PNG per image and `samples.jsonl`, a
 record per image of its prompt, seed, index, sampling settings, text ids, sampled image ids and score (log p(image
-ids | prompt)). Image i of a run (prompt i // num_images) is drawn from (seed, i) alone; with `--candidates K` it is
-the likeliest of K draws from (seed, i*K + c). Settings not given take the run's `config.sampling`.
+ids | prompt), or with `--reranker_workdir` the caption model's log p(prompt | image)). Image i of a run (prompt
+i // num_images) is drawn from (seed, i) alone; with `--candidates K` it is the best-scoring of K draws from
+(seed, i*K + c). Settings not given take the run's `config.sampling`.
 """
 import dataclasses
 import json
@@ -36,13 +37,16 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_float("temperature", None, "Softmax temperature (> 0; default: the run's).", **fv)
     flags.DEFINE_integer("top_k", None, "Sample among the k most likely codes (>= 1; default: the run's).", **fv)
     flags.DEFINE_float("top_p", None, "Nucleus mass in (0, 1] (1: off; default: the run's).", **fv)
-    flags.DEFINE_integer("candidates", None, "Draws per image, of which the likeliest given its prompt is kept "
-                         "(>= 1; default: the run's).", **fv)
+    flags.DEFINE_integer("candidates", None, "Draws per image, of which the best-scoring is kept (>= 1; default: "
+                         "the run's).", **fv)
     flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE, "Images drawn per sampling batch (candidates count "
                          "each).", **fv)
     flags.DEFINE_string("vqgan_workdir", None, "The VQGAN's work directory (default: the run's "
                         "config.vqgan_workdir).", **fv)
     flags.DEFINE_integer("step", None, "Checkpoint step to sample from (default: the newest).", **fv)
+    flags.DEFINE_string("reranker_workdir", None, "A caption model trained for this run (configs/"
+                        "shapes_captioner.py): with --candidates K > 1 it picks the draw whose picture it finds the "
+                        "prompt likeliest for, instead of the seq2seq model's likelihood.", **fv)
     flags.mark_flag_as_required("workdir", flag_values=flag_values)
 
 
@@ -67,6 +71,9 @@ def check_flags(fv: flags.FlagValues) -> dict:
     for name in ("num_images", "batch_size"):
         if fv[name].value < 1:
             raise app.UsageError(f"--{name}={fv[name].value} must be at least 1.")
+    if fv.reranker_workdir is not None and not os.path.isdir(fv.reranker_workdir):
+        raise app.UsageError(f"--reranker_workdir={fv.reranker_workdir!r} does not exist; train a caption model "
+                             "with configs/shapes_captioner.py, or leave the flag out.")
     if not 0 <= fv.seed < 2 ** 32:
         raise app.UsageError(f"--seed={fv.seed} must be in [0, 2**32).")
     given = dict(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p, cond_scale=fv.cond_scale,
@@ -85,7 +92,7 @@ def run(fv: flags.FlagValues):
     prompts = read_prompts(fv)
     settings = check_flags(fv)
     pipe = TextToImage.from_workdir(fv.workdir, vqgan_workdir=fv.vqgan_workdir, step=fv.step,
-                                    batch_size=fv.batch_size)
+                                    batch_size=fv.batch_size, reranker_workdir=fv.reranker_workdir)
     samples = pipe(prompts, fv.num_images, seed=fv.seed, progress=True, **settings)
     if fv.out is not None:
         os.makedirs(os.path.dirname(os.path.abspath(fv.out)), exist_ok=True)

@@ -29,8 +29,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     config = _CONFIG.value
-    if config.trainer not in ("vqgan", "seq2seq"):
-        raise app.UsageError(f"config.trainer={config.trainer!r} is not a trainer; use 'vqgan' or 'seq2seq'.")
+    if config.trainer not in ("vqgan", "seq2seq", "captioner"):
+        raise app.UsageError(f"config.trainer={config.trainer!r} is not a trainer; use 'vqgan', 'seq2seq' or "
+                             "'captioner'.")
     if _AOT_TOPOLOGY.value:
         from dalle_jax import aot
         try:
@@ -49,9 +50,12 @@ def main(argv):
     if config.trainer == "vqgan":
         from dalle_jax.trainers import vqgan
         vqgan.train(config, _WORKDIR.value)
-    else:
+    elif config.trainer == "seq2seq":
         from dalle_jax.trainers import seq2seq
         seq2seq.train(config, _WORKDIR.value)
+    else:
+        from dalle_jax.trainers import captioner
+        captioner.train(config, _WORKDIR.value)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
     python -m dalle_jax.demo [--root runs/demo] [--max_examples 1000]
 
 Stages: build captioned_shapes -> train the VQGAN (`ROOT/vqgan`) -> train the text tokenizer and DalleBart
-(`ROOT/dalle`) -> sample a grid for fixed prompts, held-out colour/shape pairs included (`ROOT/samples.png`) ->
-sample and judge `test` and `test_compositional` -> `ROOT/report.json`. A stage that finished in an earlier run is
+(`ROOT/dalle`) -> train the caption model that picks among each image's candidates (`ROOT/reranker`) -> sample a
+grid for fixed prompts, held-out colour/shape pairs included (`ROOT/samples.png`) -> sample and judge `test` and
+`test_compositional` -> `ROOT/report.json`. A stage that finished in an earlier run is
 reused (its recorded time is kept); a stage that was interrupted resumes from its checkpoint.
 """
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 
 from absl import app, flags
 
-from configs import shapes_dalle, shapes_vqgan
+from configs import shapes_captioner, shapes_dalle, shapes_vqgan
 
 _ROOT = flags.DEFINE_string("root", "runs/demo", "Directory of the demo's work directories and outputs.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 1000, "Examples judged per split (at most the split's size).")
@@ -66,19 +67,24 @@ class Stages:
 
 def run_demo(root: str, max_examples: int) -> dict:
     from dalle_jax.data import sources
-    from dalle_jax.trainers import seq2seq, vqgan
+    from dalle_jax.trainers import captioner, seq2seq, vqgan
 
     os.makedirs(root, exist_ok=True)
     vqgan_dir, dalle_dir = os.path.join(root, "vqgan"), os.path.join(root, "dalle")
+    reranker_dir = os.path.join(root, "reranker")
     vqgan_config = shapes_vqgan.get_config()
     dalle_config = shapes_dalle.get_config()
     dalle_config.vqgan_workdir = vqgan_dir
+    reranker_config = shapes_captioner.get_config()
+    reranker_config.seq2seq_workdir = dalle_dir
     stages = Stages(root)
 
     stages.run("data", sources.builder_for(vqgan_config.data).is_prepared(),
                lambda: sources.prepare(vqgan_config.data))
     stages.run("vqgan", _finished(vqgan_dir, vqgan_config), lambda: vqgan.train(vqgan_config, vqgan_dir))
     stages.run("seq2seq", _finished(dalle_dir, dalle_config), lambda: seq2seq.train(dalle_config, dalle_dir))
+    stages.run("reranker", _finished(reranker_dir, reranker_config),
+               lambda: captioner.train(reranker_config, reranker_dir))
 
     from dalle_jax.eval import evaluate_samples
     from dalle_jax.pipeline import TextToImage
@@ -90,18 +96,20 @@ def run_demo(root: str, max_examples: int) -> dict:
     def load():
         nonlocal pipe
         # The recipe's sampling settings, also for a model trained before they changed (its config keeps the old).
-        pipe = pipe or TextToImage.from_workdir(dalle_dir, batch_size=250,
+        pipe = pipe or TextToImage.from_workdir(dalle_dir, batch_size=250, reranker_workdir=reranker_dir,
                                                 default_settings=SamplingSettings.from_config(dalle_config.sampling))
         return pipe
 
+    # Pictures made before the reranker was (re)trained are made again.
+    reranker_done = os.path.getmtime(os.path.join(reranker_dir, "test_metrics.json"))
     samples_path = os.path.join(root, "samples.png")
-    stages.run("samples", os.path.exists(samples_path), lambda: Image.fromarray(
+    stages.run("samples", _newer(samples_path, reranker_done), lambda: Image.fromarray(
         load()(list(DEMO_PROMPTS), num_images=IMAGES_PER_PROMPT, seed=0).grid()).save(samples_path))
     judged_path = os.path.join(root, "judged.json")
-    stages.run("evaluate", os.path.exists(judged_path), lambda: _write_json(
+    stages.run("evaluate", _newer(judged_path, reranker_done), lambda: _write_json(
         judged_path, evaluate_samples.evaluate_samples(load(), max_examples=max_examples, progress=True)))
 
-    report = _report(stages.timings, vqgan_dir, dalle_dir, _read_json(judged_path))
+    report = _report(stages.timings, vqgan_dir, dalle_dir, reranker_dir, _read_json(judged_path))
     _write_json(os.path.join(root, "report.json"), report)
     return report
 
@@ -111,9 +119,14 @@ def _finished(workdir: str, config) -> bool:
     return final is not None and final.get("step") == config.num_steps
 
 
-def _report(timings: dict, vqgan_dir: str, dalle_dir: str, judged: dict) -> dict:
+def _newer(path: str, than: float) -> bool:
+    return os.path.exists(path) and os.path.getmtime(path) > than
+
+
+def _report(timings: dict, vqgan_dir: str, dalle_dir: str, reranker_dir: str, judged: dict) -> dict:
     vq = _read_json(os.path.join(vqgan_dir, "test_metrics.json"))
     s2s = _read_json(os.path.join(dalle_dir, "test_metrics.json"))
+    reranker = _read_json(os.path.join(reranker_dir, "test_metrics.json"))
     judge = {}
     for split, result in judged["sets"].items():
         judge[split] = dict(accuracy=result["accuracy"], count=result["count"],
@@ -125,7 +138,8 @@ def _report(timings: dict, vqgan_dir: str, dalle_dir: str, judged: dict) -> dict
         timings_s=dict(timings, total=sum(timings.values())),
         vqgan=dict(psnr=vq["psnr"], codebook_usage=vq["codebook_usage"]),
         seq2seq=dict(eval_loss=s2s["loss"], token_accuracy=s2s["token_accuracy"], perplexity=s2s["perplexity"]),
-        judge=judge, sampling=judged["settings"])
+        reranker=dict(eval_loss=reranker["loss"], twin_accuracy=reranker.get("twin_accuracy")),
+        judge=judge, sampling=dict(judged["settings"], scorer=judged.get("scorer", "seq2seq")))
 
 
 def main(argv):

@@ -7,8 +7,10 @@
 
 Image i of a request (prompt i // num_images) draws its randomness from (seed, i) alone, so it comes out the
 same whatever the batch size and the number of devices. With `candidates=K`, image i is the one of K drawn from
-(seed, i*K), ..., (seed, i*K + K-1) that the model finds most likely given its prompt; K=1 draws image i from
-(seed, i) itself. Requests are cut into batches of `batch_size` draws (batch_size // K images, at least one),
+(seed, i*K), ..., (seed, i*K + K-1) that scores highest: by default the seq2seq model's log p(image | prompt); with a
+reranker (`reranker_workdir=`, a caption model trained by `configs/shapes_captioner.py`) its log p(prompt | image),
+which reads the picture and so tells a right one from a wrong one the seq2seq model finds just as likely. K=1
+draws image i from (seed, i) itself. Requests are cut into batches of `batch_size` draws (batch_size // K images, at least one),
 each split over the mesh's data-parallel axes; the last batch is padded to the size of the others (so one
 compilation serves them all) and the padding dropped.
 """
@@ -31,8 +33,7 @@ from tqdm.auto import tqdm
 from dalle_jax import images, parallel, sampling, seq2seq_load
 from dalle_jax.data import token_records
 from dalle_jax.sampling import SamplingSettings
-from dalle_jax.trainers import vqgan_load
-from dalle_jax.training import gan_losses
+from dalle_jax.trainers import captioner_load, vqgan_load
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -48,8 +49,11 @@ class Samples:
     seed: int
     settings: SamplingSettings
     truncated: tuple[bool, ...]  # whether each prompt lost tokens to fit text_length
-    scores: np.ndarray  # float32 (prompts, num_images): log p(image_ids | prompt) under the conditional model
+    scores: np.ndarray  # float32 (prompts, num_images): the kept draw's score, as `scorer` says
     draws: np.ndarray  # int64 (prompts, num_images): the index each image was drawn from, with `seed`
+    # "seq2seq": log p(image_ids | prompt) under the conditional model; "reranker": log p(prompt | image) under the
+    # caption model that picked the draw.
+    scorer: str = "seq2seq"
 
     @property
     def num_images(self) -> int:
@@ -72,18 +76,22 @@ class Samples:
         return [dict(prompt=self.prompts[p], seed=self.seed, index=int(self.indices[p, j]), **settings,
                      text_ids=self.text_ids[p].tolist(), uncond_text_ids=uncond,
                      image_ids=self.image_ids[p, j].tolist(), score=float(self.scores[p, j]),
-                     draw=int(self.draws[p, j]))
+                     scorer=self.scorer, draw=int(self.draws[p, j]))
                 for p in range(len(self.prompts)) for j in range(self.num_images)]
 
 
 class TextToImage:
-    """A seq2seq model and its VQGAN, restored onto one mesh; call it with prompts to get images."""
+    """A seq2seq model and its VQGAN (and optionally a reranker), restored onto one mesh; call it with prompts to
+    get images."""
 
     def __init__(self, seq2seq: seq2seq_load.LoadedSeq2Seq, vqgan: vqgan_load.LoadedVQGAN, mesh: Mesh, *,
-                 batch_size: int = DEFAULT_BATCH_SIZE, default_settings: SamplingSettings | None = None):
+                 batch_size: int = DEFAULT_BATCH_SIZE, default_settings: SamplingSettings | None = None,
+                 reranker: captioner_load.LoadedCaptioner | None = None):
         _check_compatible(seq2seq, vqgan)
         _warn_if_trained_on_another_vqgan(seq2seq, vqgan)
-        self.seq2seq, self.vqgan, self.mesh = seq2seq, vqgan, mesh
+        if reranker is not None:
+            _check_reranker(reranker, seq2seq, vqgan)
+        self.seq2seq, self.vqgan, self.mesh, self.reranker = seq2seq, vqgan, mesh, reranker
         self.batch_size = _positive_int("batch_size", batch_size)
         self.default_settings = (SamplingSettings.from_config(seq2seq.config.sampling)
                                  if default_settings is None else default_settings)
@@ -91,18 +99,19 @@ class TextToImage:
         self._graphdef, self._state = nnx.split(seq2seq.model())
         if all(device.platform == "cpu" for device in mesh.devices.flat):
             self._graphdef, self._state = sampling.with_row_products(self._graphdef, self._state)
-        grid = vqgan.grid_size
-        self._decode = jax.jit(lambda params, codes: gan_losses.to_uint8(
-            nnx.merge(vqgan.graphdef, params).decode_code(codes.reshape(codes.shape[0], grid, grid))))
+        self._decode = jax.jit(functools.partial(vqgan_load.decode_uint8, vqgan))
+        self._rerank = None if reranker is None else jax.jit(
+            functools.partial(_rerank, vqgan, reranker.setup), static_argnums=4)
 
     @classmethod
     def from_workdir(cls, workdir: str, *, mesh: Mesh | None = None, step: int | None = None,
                      vqgan_workdir: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                     default_settings: SamplingSettings | None = None) -> "TextToImage":
+                     default_settings: SamplingSettings | None = None,
+                     reranker_workdir: str | None = None) -> "TextToImage":
         """Loads the seq2seq run in `workdir` (its newest checkpoint, or `step`) and the VQGAN it was trained on
         (`config.vqgan_workdir`, unless `vqgan_workdir` names it), both onto `mesh` (default: every local device
-        on the batch axes). `default_settings` (default: the run's `config.sampling`) fill in what a call leaves
-        out."""
+        on the batch axes), and the caption model in `reranker_workdir` if given. `default_settings` (default: the
+        run's `config.sampling`) fill in what a call leaves out."""
         batch_size = _positive_int("batch_size", batch_size)
         if default_settings is not None:
             default_settings.validate()
@@ -112,7 +121,9 @@ class TextToImage:
         mesh = mesh if mesh is not None else seq2seq_load.default_mesh()
         seq2seq = seq2seq_load.load_seq2seq(workdir, mesh, step=step)
         vqgan = vqgan_load.load_vqgan(vqgan_dir, mesh)
-        return cls(seq2seq, vqgan, mesh, batch_size=batch_size, default_settings=default_settings)
+        reranker = None if reranker_workdir is None else captioner_load.load_captioner(reranker_workdir, mesh)
+        return cls(seq2seq, vqgan, mesh, batch_size=batch_size, default_settings=default_settings,
+                   reranker=reranker)
 
     @property
     def text_length(self) -> int:
@@ -149,7 +160,7 @@ class TextToImage:
                  cond_scale: float | None = None, candidates: int | None = None, batch_size: int | None = None,
                  progress: bool = False) -> Samples:
         """Samples `num_images` images per prompt. Settings left as None take `default_settings`' value;
-        `cond_scale=1` samples without guidance, `candidates=K` keeps the likeliest of K draws per image,
+        `cond_scale=1` samples without guidance, `candidates=K` keeps the best-scoring of K draws per image,
         `progress` shows a bar over batches."""
         prompts = _check_prompts(prompts)
         num_images = _positive_int("num_images", num_images)
@@ -165,19 +176,26 @@ class TextToImage:
                        image_ids=codes.reshape(*shape, codes.shape[-1]), text_ids=text_ids,
                        uncond_text_ids=self.seq2seq.setup.empty_text_ids if settings.guided else None,
                        seed=seed, settings=settings, truncated=truncated, scores=scores.reshape(shape),
-                       draws=draws.reshape(shape))
+                       draws=draws.reshape(shape), scorer=self.scorer(settings))
+
+    def scorer(self, settings: SamplingSettings) -> str:
+        """What scores the draws under `settings`: "reranker" when a caption model picks among candidates, else
+        "seq2seq"."""
+        return "reranker" if self.reranker is not None and settings.candidates > 1 else "seq2seq"
 
     def generate(self, text_ids: np.ndarray, seed: int, settings: SamplingSettings, *,
                  batch_size: int | None = None, progress: bool = False) -> tuple[np.ndarray, ...]:
-        """Row i of `text_ids` (N, text_length) -> image i, the likeliest of the K = `settings.candidates` draws
+        """Row i of `text_ids` (N, text_length) -> image i, the best-scoring of the K = `settings.candidates` draws
         from (seed, i*K + c), c < K: returns the codes (N, image_length) int32, the images (N, H, W, 3) uint8, the
-        scores (N,) float32, log p(codes | prompt), and the index i*K + c each image was drawn from (N,) int64."""
+        scores (N,) float32 (as `scorer(settings)` says), and the index i*K + c each image was drawn from (N,)
+        int64."""
         settings.validate()
         text_ids = np.asarray(text_ids)
         if text_ids.ndim != 2 or text_ids.shape[0] == 0 or text_ids.shape[1] != self.text_length:
             raise ValueError(f"text_ids must have shape (N >= 1, text_length={self.text_length}), got "
                              f"{text_ids.shape}; encode prompts with encode_prompts().")
         total, candidates = len(text_ids), settings.candidates
+        reranked = self.scorer(settings) == "reranker"
         ways = parallel.batch_parallelism(self.mesh)
         # Images per call: a batch of `batch_size` draws holds batch_size // candidates images (at least one).
         batch = -(-min(max((batch_size or self.batch_size) // candidates, 1), total) // ways) * ways
@@ -199,18 +217,24 @@ class TextToImage:
             ids[:rows] = text_ids[start:start + rows]
             indices = np.zeros((batch,), np.int64)
             indices[:rows] = np.arange(start, start + rows)
-            tokens, drawn_scores = sampling.sample_image_tokens(
-                self._graphdef, self._state, np.repeat(ids, candidates, axis=0), self.seq2seq.setup.empty_text_ids,
+            drawn_ids = np.repeat(ids, candidates, axis=0)
+            sampled = sampling.sample_image_tokens(
+                self._graphdef, self._state, drawn_ids, self.seq2seq.setup.empty_text_ids,
                 seed, (indices[:, None] * candidates + np.arange(candidates)).reshape(-1), settings,
-                mesh=self.mesh, sharding_rules=self.seq2seq.config.sharding_rules, with_scores=True)
-            chosen = 0
-            if candidates > 1:
-                tokens, drawn_scores, chosen = _likeliest(tokens, drawn_scores, candidates)
+                mesh=self.mesh, sharding_rules=self.seq2seq.config.sharding_rules, with_scores=not reranked)
+            if reranked:
+                tokens, pixels, drawn_scores, chosen = self._rerank(self.vqgan.params, self.reranker.params, sampled,
+                                                                    drawn_ids, candidates)
+            else:
+                tokens, drawn_scores = sampled
+                chosen = 0
+                if candidates > 1:
+                    tokens, drawn_scores, chosen = _likeliest(tokens, drawn_scores, candidates)
+                pixels = self._decode(self.vqgan.params, tokens)
             # Dispatch this batch before waiting for the previous one, so the device never idles on the host.
             if pending is not None:
                 fetch(pending)
-            pending = (tokens, self._decode(self.vqgan.params, tokens), drawn_scores, indices * candidates + chosen,
-                       rows)
+            pending = (tokens, pixels, drawn_scores, indices * candidates + chosen, rows)
         fetch(pending)
         bar.close()
         return tuple(np.concatenate(parts) for parts in (codes, images, scores, draws))
@@ -232,6 +256,17 @@ def _likeliest(tokens: jax.Array, scores: jax.Array, candidates: int) -> tuple[j
     tokens = tokens.reshape(scores.shape[0], candidates, -1)
     return (jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0],
             jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0], best)
+
+
+def _rerank(vqgan: vqgan_load.LoadedVQGAN, setup, vqgan_params, captioner_params, tokens: jax.Array,
+            text_ids: jax.Array, candidates: int) -> tuple[jax.Array, ...]:
+    """Decodes every draw (N*K rows, K consecutive per image) and keeps, per image, the one whose picture the
+    caption model finds its prompt likeliest for: (N, L) codes, (N, H, W, 3) pixels, (N,) scores, (N,) which."""
+    pixels = vqgan_load.decode_uint8(vqgan, vqgan_params, tokens)
+    scores = setup.model(captioner_params).log_likelihood(pixels, jnp.asarray(text_ids))
+    tokens, scores, best = _likeliest(tokens, scores, candidates)
+    pixels = pixels.reshape(scores.shape[0], candidates, *pixels.shape[1:])
+    return tokens, jnp.take_along_axis(pixels, best[:, None, None, None, None], axis=1)[:, 0], scores, best
 
 
 def _vqgan_workdir(workdir: str, config, override: str | None) -> str:
@@ -257,6 +292,24 @@ def _check_compatible(seq2seq: seq2seq_load.LoadedSeq2Seq, vqgan: vqgan_load.Loa
         warnings.warn(f"The model in {seq2seq.workdir} has image_vocab_size={model.image_vocab_size} but its VQGAN "
                       f"has {vqgan.codebook_size} codes; an image with a sampled id of {vqgan.codebook_size} or more "
                       "decodes to garbage.", stacklevel=3)
+
+
+def _check_reranker(reranker: captioner_load.LoadedCaptioner, seq2seq: seq2seq_load.LoadedSeq2Seq,
+                    vqgan: vqgan_load.LoadedVQGAN) -> None:
+    """The caption model must read the prompts' ids as the seq2seq run writes them, and pictures of the VQGAN's
+    size."""
+    config = reranker.config
+    if config.get("tokenizer_sha256") != seq2seq_load.tokenizer_fingerprint(seq2seq.workdir):
+        raise ValueError(f"The reranker in {reranker.workdir} was trained with the tokenizer of "
+                         f"{config.seq2seq_workdir!r}, not that of {seq2seq.workdir}, so it would read other words "
+                         "into the prompts' ids. Train a reranker for this run (configs/shapes_captioner.py with "
+                         f"--config.seq2seq_workdir={seq2seq.workdir}).")
+    if config.model.text_length != seq2seq.config.model.text_length or \
+            config.model.image_size != vqgan.config.model.resolution:
+        raise ValueError(f"The reranker in {reranker.workdir} reads {config.model.text_length} text tokens and "
+                         f"{config.model.image_size}-pixel pictures, but {seq2seq.workdir} writes "
+                         f"{seq2seq.config.model.text_length} tokens and its VQGAN decodes "
+                         f"{vqgan.config.model.resolution}-pixel pictures. Train a reranker for this run.")
 
 
 def _warn_if_trained_on_another_vqgan(seq2seq: seq2seq_load.LoadedSeq2Seq, vqgan: vqgan_load.LoadedVQGAN) -> None:

@@ -7,6 +7,7 @@ on the mesh they are loaded onto, without an initialised model being built first
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 
 import jax
@@ -22,6 +23,7 @@ from dalle_jax.models.dalle_bart import DalleBart
 from dalle_jax.trainers import seq2seq_step, text_stage
 from dalle_jax.training import checkpointing, workdir as workdir_lib
 
+TOKENIZER_FILES = (text_stage.TOKENIZER_FILE, min_dalle_tokenizer.VOCAB_FILE, min_dalle_tokenizer.MERGES_FILE)
 TRAIN_COMMAND = ("python train.py --config configs/shapes_dalle.py --workdir {workdir} "
                  "--config.vqgan_workdir=runs/vqgan")
 
@@ -70,6 +72,17 @@ def load_tokenizer(workdir: str):
     if os.path.isfile(os.path.join(workdir, text_stage.TOKENIZER_FILE)):
         return text_lib.TextTokenizer(os.path.join(workdir, text_stage.TOKENIZER_FILE))
     return min_dalle_tokenizer.MinDalleTokenizer(workdir)
+
+
+def tokenizer_fingerprint(seq2seq_workdir: str) -> str:
+    """sha256 over a seq2seq run's tokenizer files: two runs with equal fingerprints turn text into the same ids."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = os.path.join(seq2seq_workdir, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()
 
 
 def checkpoint_steps(workdir: str) -> list[int]:

@@ -6,10 +6,11 @@
 The examples come from the work directory's image-token records (caption = the record's first, canonical
 caption; scene = its `scene`), or from a JSONL file of `{"prompt": str, "scene": scene}` lines (a scene as in
 `dalle_jax.data.shapes_scene`). Example i of a set is sampled from (seed, i) (with K candidates: the likeliest of
-(seed, iK), ..., (seed, iK + K-1)), so a report can be reproduced image by image. The report (a JSON object, also
-returned by `evaluate_samples`):
+(seed, iK), ..., (seed, iK + K-1), or, with a reranker, the one it scores highest), so a report can be reproduced
+image by image. The report (a JSON object, also returned by `evaluate_samples`):
 
     {"workdir", "step", "seed", "settings": {"temperature", "top_k", "top_p", "cond_scale", "candidates"},
+     "scorer": "seq2seq" | "reranker", "reranker": {"workdir", "step"} (with a reranker loaded),
      "sets": {name: {"source", "count", "accuracy",
                      "attributes": {attribute: {"accuracy": float | null, "count": int}},
                      "one_object_pairs": {"<colour> <shape>": {"accuracy": float, "count": int, "shape": float}},
@@ -148,7 +149,10 @@ def evaluate_samples(pipe: TextToImage, *, splits: Sequence[str] = DEFAULT_SPLIT
             raise ValueError(f"splits={splits!r} must be a non-empty list of split names, e.g. {DEFAULT_SPLITS}.")
         sets = {split: (f"split {split!r} of {workdir}", split_examples(workdir, split, max_examples))
                 for split in splits}
-    report = dict(workdir=workdir, step=pipe.seq2seq.step, seed=seed, settings=dataclasses.asdict(settings), sets={})
+    report = dict(workdir=workdir, step=pipe.seq2seq.step, seed=seed, settings=dataclasses.asdict(settings),
+                  scorer=pipe.scorer(settings), sets={})
+    if pipe.reranker is not None:
+        report["reranker"] = dict(workdir=pipe.reranker.workdir, step=pipe.reranker.step)
     for name, (source, examples) in sets.items():
         logging.info("Sampling and judging %d images for %s", len(examples), source)
         result = evaluate_examples(pipe, examples, seed=seed, batch_size=batch_size, progress=progress, **given)
@@ -172,12 +176,15 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("top_k", None, "Sample among the k most likely codes (>= 1; default: the run's).", **fv)
     flags.DEFINE_float("top_p", None, "Nucleus mass in (0, 1] (1: off; default: the run's).", **fv)
     flags.DEFINE_float("cond_scale", None, "Guidance scale (1: off; default: the run's).", **fv)
-    flags.DEFINE_integer("candidates", None, "Draws per image, of which the likeliest given its prompt is kept "
-                         "(>= 1; default: the run's).", **fv)
+    flags.DEFINE_integer("candidates", None, "Draws per image, of which the best-scoring is kept (>= 1; default: "
+                         "the run's).", **fv)
     flags.DEFINE_integer("batch_size", 16, "Images drawn per sampling batch (candidates count each).", **fv)
     flags.DEFINE_string("vqgan_workdir", None, "The VQGAN's work directory (default: the run's "
                         "config.vqgan_workdir).", **fv)
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).", **fv)
+    flags.DEFINE_string("reranker_workdir", None, "A caption model trained for this run (configs/"
+                        "shapes_captioner.py): with --candidates K > 1 it picks the draw whose picture it finds the "
+                        "prompt likeliest for, instead of the seq2seq model's likelihood.", **fv)
     flags.mark_flags_as_required(["workdir", "out"], flag_values=flag_values)
 
 
@@ -196,8 +203,11 @@ def run(fv: flags.FlagValues) -> dict:
         raise app.UsageError(f"--{e}") from None
     if fv.prompts_file is not None:
         read_prompts_file(fv.prompts_file, fv.max_examples)
+    if fv.reranker_workdir is not None and not os.path.isdir(fv.reranker_workdir):
+        raise app.UsageError(f"--reranker_workdir={fv.reranker_workdir!r} does not exist; train a caption model "
+                             "with configs/shapes_captioner.py, or leave the flag out.")
     pipe = TextToImage.from_workdir(fv.workdir, vqgan_workdir=fv.vqgan_workdir, step=fv.step,
-                                    batch_size=fv.batch_size)
+                                    batch_size=fv.batch_size, reranker_workdir=fv.reranker_workdir)
     report = evaluate_samples(pipe, splits=fv.split, prompts_file=fv.prompts_file, max_examples=fv.max_examples,
                               seed=fv.seed, batch_size=fv.batch_size, progress=True, **given)
     report_file.write_report(fv.out, report)

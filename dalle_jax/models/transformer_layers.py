@@ -64,6 +64,20 @@ def causal_mask(length: int) -> jax.Array:
     return jnp.tril(jnp.ones((length, length), dtype=bool))[None, None]
 
 
+def fresh_rng_state(abstract_rng_state, key: jax.Array):
+    """Values for a model's abstract rng stream state (its dropout streams): the i-th key leaf comes from
+    fold_in(key, i) (split for stacked layers), counts 0."""
+    leaves, treedef = jax.tree.flatten(abstract_rng_state)
+    values = []
+    for i, leaf in enumerate(leaves):
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf_key = jax.random.fold_in(key, i)
+            values.append(jax.random.split(leaf_key, leaf.shape) if leaf.shape else leaf_key)
+        else:
+            values.append(jnp.zeros(leaf.shape, leaf.dtype))
+    return jax.tree.unflatten(treedef, values)
+
+
 class Attention(nnx.Module):
     """Multi-head attention without biases. Keys/values are projected by `project_kv`, separately from the
     queries, so a decoding cache can store them once and `attend` to them step by step."""

@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from dalle_jax import parallel
 from dalle_jax.data import text as text_lib
-from dalle_jax.models import dalle_bart, seq2seq_loss
+from dalle_jax.models import dalle_bart, seq2seq_loss, transformer_layers as tl
 from dalle_jax.models.dalle_bart import DalleBart
 from dalle_jax.training import finite_updates, optimizers
 
@@ -46,7 +46,7 @@ class Setup:
     def model(self, params, dropout_key: jax.Array | None = None) -> DalleBart:
         """The model with `params`; its dropout streams are seeded from `dropout_key` (any fixed key if None)."""
         key = jax.random.key(0) if dropout_key is None else dropout_key
-        return nnx.merge(self.graphdef, params, _rng_values(self.rng_state, key))
+        return nnx.merge(self.graphdef, params, tl.fresh_rng_state(self.rng_state, key))
 
     def activation_sharding(self):
         return parallel.activation_sharding(self.mesh, self.config.sharding_rules)
@@ -56,19 +56,6 @@ def _model(config, seed: int) -> DalleBart:
     key = jax.random.key(seed)
     return DalleBart(config.model, rngs=nnx.Rngs(params=jax.random.fold_in(key, 0),
                                                  dropout=jax.random.fold_in(key, 1)))
-
-
-def _rng_values(abstract_rng_state, key: jax.Array):
-    """Fresh rng stream state: the i-th key leaf comes from fold_in(key, i) (split for stacked layers), counts 0."""
-    leaves, treedef = jax.tree.flatten(abstract_rng_state)
-    values = []
-    for i, leaf in enumerate(leaves):
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf_key = jax.random.fold_in(key, i)
-            values.append(jax.random.split(leaf_key, leaf.shape) if leaf.shape else leaf_key)
-        else:
-            values.append(jnp.zeros(leaf.shape, leaf.dtype))
-    return jax.tree.unflatten(treedef, values)
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

@@ -19,7 +19,7 @@ from jax.sharding import Mesh
 
 from dalle_jax import parallel
 from dalle_jax.models.vqgan import VQGAN
-from dalle_jax.training import checkpointing, workdir as workdir_lib
+from dalle_jax.training import checkpointing, gan_losses, workdir as workdir_lib
 
 TRAIN_COMMAND = "python train.py --config configs/shapes_vqgan.py --workdir {workdir}"
 
@@ -84,6 +84,13 @@ def _restore_params(target: dict, step: int | None, workdir: str) -> tuple[int, 
     elif step not in steps:
         raise ValueError(f"{workdir!r} has no checkpoint of step {step}; it has steps {steps}.")
     return int(step), checkpointing.restore_params(workdir, step, target)
+
+
+def decode_uint8(vqgan: LoadedVQGAN, params: dict, codes: jax.Array) -> jax.Array:
+    """(N, grid*grid) codes -> uint8 (N, H, W, 3) through the decoder of `vqgan` with `params` (traceable, so
+    callers compile it with what surrounds it)."""
+    grid = codes.reshape(codes.shape[0], vqgan.grid_size, vqgan.grid_size)
+    return gan_losses.to_uint8(nnx.merge(vqgan.graphdef, params).decode_code(grid))
 
 
 def fingerprint(model_config: ml_collections.ConfigDict, step: int, params: dict) -> str:

@@ -55,17 +55,20 @@ class Checkpointer:
         return self.manager.reached_preemption(step)
 
     def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                  data=grain.checkpoint.CheckpointSave(data_iterator))
-        return self.manager.save(step, args=args, force=force)
+        """`data_iterator` None: a trainer whose batches follow from the step alone keeps no iterator position."""
+        items = dict(state=ocp.args.StandardSave(state))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_state, data_iterator):
         """Restores the state into the shardings `abstract_state` carries, and rewinds the iterator in place.
         Raises `CorruptCheckpoint` when the checkpoint's files cannot be read."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=grain.checkpoint.CheckpointRestore(data_iterator))
+        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        if data_iterator is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
-            return self.manager.restore(step, args=args)["state"]
+            return self.manager.restore(step, args=ocp.args.Composite(**items))["state"]
         except Exception as e:  # orbax, tensorstore and grain raise many types for damaged files
             raise CorruptCheckpoint(self.directory, step, e) from e
 
