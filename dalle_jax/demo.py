@@ -1,6 +1,6 @@
 """The whole pipeline in one command (`make demo`): data, VQGAN, tokenizer + DalleBart, samples, judged report.
 
-    python -m dalle_jax.demo [--root runs/demo] [--max_examples 1000]
+    python -m dalle_jax.demo [--root runs/demo] [--max_examples 500]
 
 Stages: build captioned_shapes -> train the VQGAN (`ROOT/vqgan`) -> train the text tokenizer and DalleBart
 (`ROOT/dalle`) -> train the caption model that picks among each image's candidates (`ROOT/reranker`) -> sample a
@@ -20,7 +20,7 @@ from absl import app, flags
 from configs import shapes_captioner, shapes_dalle, shapes_vqgan
 
 _ROOT = flags.DEFINE_string("root", "runs/demo", "Directory of the demo's work directories and outputs.")
-_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 1000, "Examples judged per split (at most the split's size).")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 500, "Examples judged per split (at most the split's size).")
 
 # One row each; the last three use colour/shape pairs that never occur in training.
 DEMO_PROMPTS = (
@@ -96,7 +96,9 @@ def run_demo(root: str, max_examples: int) -> dict:
     def load():
         nonlocal pipe
         # The recipe's sampling settings, also for a model trained before they changed (its config keeps the old).
-        pipe = pipe or TextToImage.from_workdir(dalle_dir, batch_size=250, reranker_workdir=reranker_dir,
+        # 256 draws per call: 64 images of 4 candidates, so the grid (48 images) and the 500 prompts of a split (8
+        # calls) share one compiled shape.
+        pipe = pipe or TextToImage.from_workdir(dalle_dir, batch_size=256, reranker_workdir=reranker_dir,
                                                 default_settings=SamplingSettings.from_config(dalle_config.sampling))
         return pipe
 

@@ -42,6 +42,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     for field in ("batch_size", "eval_batch_size", "eval_examples"):
         if int(config[field]) < 1:
             raise ValueError(f"config.{field}={config[field]} must be at least 1.")
+    if config.eval_batch_size > config.eval_examples:
+        raise ValueError(f"config.eval_batch_size={config.eval_batch_size} is larger than config.eval_examples="
+                         f"{config.eval_examples}, so no batch would be evaluated; lower it.")
 
 
 def abstract_model(config: ml_collections.ConfigDict) -> Captioner:
