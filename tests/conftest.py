@@ -89,7 +89,7 @@ def subprocess_env(compilation_cache: str, devices: int = 1) -> dict:
 # Scheduling under `pytest -n 2 --dist loadfile` (`make test`). A unit of work is a file, so its module fixtures are
 # built once in one worker, except where UNITS says otherwise: the trainers' multi-device runs go apart from their
 # single-device runs (different fixtures), the two fault files that share the session's reference run go together,
-# and the independent long runs of test_nonfinite go alone. Units are handed out longest first (COST: seconds on an
+# the independent long runs of test_nonfinite go alone, and the two files that share the tiny captioner run go together. Units are handed out longest first (COST: seconds on an
 # idle 2-core machine, rounded; only the order matters), so no worker is left alone with a long one at the end.
 UNITS = {
     "trainers/test_vqgan_trainer.py::test_eight_device_mesh_matches_one_device": "vqgan_trainer_meshes",
@@ -101,9 +101,13 @@ UNITS = {
         "nonfinite_stop",
     "faults/test_preemption.py": "faults_resume",
     "faults/test_corrupt_checkpoints.py": "faults_resume",
+    # Both use the session's one tiny captioner run.
+    "trainers/test_captioner_trainer.py": "captioner_runs",
+    "test_pipeline_reranker.py": "captioner_runs",
 }
 COST = {
-    "seq2seq_trainer_meshes": 275, "faults_resume": 230, "vqgan_trainer_meshes": 150, "nonfinite_stop": 87,
+    "seq2seq_trainer_meshes": 275, "faults_resume": 230, "vqgan_trainer_meshes": 150, "captioner_runs": 100,
+    "nonfinite_stop": 87,
     "trainers/test_vqgan_trainer.py": 85, "trainers/test_seq2seq_trainer.py": 80,
     "faults/test_reshard_and_configs.py": 70, "test_sharded_gradients.py": 65, "faults/test_bad_training_data.py": 53, "interop/test_finetune_imported.py": 44, "test_aot.py": 36,
     "eval/test_evaluate_samples.py": 33, "test_sharding_strategies.py": 31, "trainers/test_encode_stage.py": 29,

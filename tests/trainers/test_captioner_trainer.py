@@ -1,0 +1,189 @@
+"""The caption-model trainer on the tiny config: its record of the seq2seq run, resume, batches, data, loading."""
+import json
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import shapes_captioner
+from dalle_jax import parallel, seq2seq_load
+from dalle_jax.data import text as text_lib, token_records
+from dalle_jax.trainers import captioner, captioner_data, captioner_load, captioner_step, vqgan_load
+from dalle_jax.training import checkpointing, workdir as workdir_lib
+from dalle_jax.training.metrics import read_metrics
+from tests.conftest import TINY_SPLITS, once_per_session
+from tests.test_pipeline import sampling_workdir  # noqa: F401  (the shared tiny seq2seq work directory)
+
+
+def tiny_config(seq2seq_workdir: str):
+    config = shapes_captioner.get_config("tiny")
+    config.seq2seq_workdir = seq2seq_workdir
+    return config
+
+
+@pytest.fixture(scope="module")
+def captioner_run(tmp_path_factory, sampling_workdir):  # noqa: F811
+    """(work directory, test figures) of the tiny captioner trained for the shared seq2seq run, once per session
+    (tests/test_pipeline_reranker.py reranks with it)."""
+    config = tiny_config(sampling_workdir["workdir"])
+    return once_per_session(tmp_path_factory, "captioner", lambda workdir: captioner.train(config, workdir))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    return parallel.make_mesh(shapes_captioner.get_config("tiny").mesh)
+
+
+def params_of(workdir, mesh):
+    return jax.device_get(captioner_load.load_captioner(workdir, mesh).params)
+
+
+def test_the_run_records_the_seq2seq_run_it_serves(captioner_run, sampling_workdir):  # noqa: F811
+    workdir, final = captioner_run
+    seq2seq_dir = sampling_workdir["workdir"]
+    config = workdir_lib.load_config(workdir)
+    assert config.trainer == "captioner"
+    assert config.model.text_length == seq2seq_load.read_config(seq2seq_dir).model.text_length == 40
+    assert config.model.vocab_size == seq2seq_load.load_tokenizer(seq2seq_dir).vocab_size
+    assert config.model.image_size == 32
+    assert config.tokenizer_sha256 == seq2seq_load.tokenizer_fingerprint(seq2seq_dir)
+    assert len(config.tokenizer_sha256) == 64
+    with open(os.path.join(workdir, "test_metrics.json")) as f:
+        written = json.load(f)
+    assert written["step"] == config.num_steps == 6
+    assert math.isfinite(written["loss"]) and written["loss"] > 0
+    assert written["loss"] == pytest.approx(final["loss"])
+    assert written["examples"] == TINY_SPLITS["test"]
+    lines = read_metrics(workdir)
+    assert [m["step"] for m in lines if "eval/loss" in m] == [3, 6]
+    assert all(math.isfinite(m["train/loss"]) for m in lines if "train/loss" in m)
+    assert checkpointing.checkpoint_steps(workdir) == [3, 6]
+
+
+def test_a_resumed_run_ends_where_an_unbroken_one_does(captioner_run, sampling_workdir, tmp_path, mesh):  # noqa: F811
+    workdir = str(tmp_path / "resumed")
+    config = tiny_config(sampling_workdir["workdir"])
+    assert captioner.train(config, workdir, stop_after=3) is None
+    assert checkpointing.checkpoint_steps(workdir)[-1] == 3
+    assert not os.path.exists(os.path.join(workdir, "test_metrics.json"))
+    stopped = params_of(workdir, mesh)
+    final = captioner.train(config, workdir)
+    resumed, unbroken = params_of(workdir, mesh), params_of(captioner_run[0], mesh)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), resumed, unbroken)
+    # The last three steps moved the parameters, so matching the unbroken run is not matching step 3.
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(stopped), jax.tree.leaves(resumed)))
+    assert final["loss"] == pytest.approx(captioner_run[1]["loss"], rel=1e-6)
+    # Each step's training figures were written once.
+    steps = [m["step"] for m in read_metrics(workdir) if "train/loss" in m]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
+
+
+def synthetic_pictures(count=10, captions=3):
+    """Image r is filled with r; caption c of image r is [r, c] in its first two ids. Image r has r % 3 + 1 of its
+    rows filled with distinct captions."""
+    ids = np.zeros((count, captions, 4), np.int32)
+    ids[..., 0] = np.arange(count)[:, None]
+    ids[..., 1] = np.arange(captions)[None, :]
+    return captioner_data.CaptionedPictures(
+        images=np.broadcast_to(np.arange(count, dtype=np.uint8)[:, None, None, None], (count, 2, 2, 3)).copy(),
+        captions=ids, caption_counts=np.arange(count, dtype=np.int32) % 3 + 1,
+        twins=np.zeros((count, captioner_data.TWIN_CAPTIONS, 4), np.int32),
+        twin_rows=np.zeros((count, captioner_data.TWIN_CAPTIONS), bool))
+
+
+def test_train_batches_follow_from_seed_and_step_alone():
+    data = synthetic_pictures()
+    batch = captioner_data.train_batch(data, 0, 5, 16)
+    assert batch["images"].shape == (16, 2, 2, 3) and batch["text_ids"].shape == (16, 4)
+    again = captioner_data.train_batch(data, 0, 5, 16)
+    for key in ("images", "text_ids"):
+        np.testing.assert_array_equal(again[key], batch[key])
+    assert not np.array_equal(captioner_data.train_batch(data, 0, 6, 16)["text_ids"], batch["text_ids"])
+    assert not np.array_equal(captioner_data.train_batch(data, 1, 5, 16)["text_ids"], batch["text_ids"])
+    # Each row pairs an image with one of its own captions, never a repeated filler row.
+    rows = batch["images"][:, 0, 0, 0]
+    np.testing.assert_array_equal(batch["text_ids"][:, 0], rows)
+    assert np.all(batch["text_ids"][:, 1] < data.caption_counts[rows])
+    many = captioner_data.train_batch(data, 0, 7, 400)
+    assert len({tuple(row[:2]) for row in many["text_ids"]}) == data.caption_counts.sum()
+
+
+def test_load_split_decodes_the_run_records_and_tokenizes_their_captions(sampling_workdir, mesh):  # noqa: F811
+    seq2seq_dir = sampling_workdir["workdir"]
+    encoded = os.path.join(seq2seq_dir, token_records.ENCODED_DIR)
+    tokenizer = seq2seq_load.load_tokenizer(seq2seq_dir)
+    vqgan = vqgan_load.load_vqgan(sampling_workdir["vqgan_workdir"], mesh)
+    decode = captioner_data.decode_fn(vqgan)
+    data = captioner_data.load_split(encoded, "validation", decode, tokenizer, 40, max_examples=6, batch_size=3,
+                                     progress=False)
+    records = token_records.open_split(encoded, "validation")
+    assert len(data) == 6 and data.images.shape == (6, 32, 32, 3) and data.images.dtype == np.uint8
+    codes = np.stack([records[i]["codes"] for i in range(6)])
+    np.testing.assert_array_equal(data.images, np.concatenate([decode(codes[:3]), decode(codes[3:])]))
+    # Different codes decode to different pictures (the random VQGAN gives several records the same codes).
+    assert len({row.tobytes() for row in data.images}) == len({row.tobytes() for row in codes}) > 1
+    for i in range(6):
+        texts = list(records[i]["captions"])
+        assert data.caption_counts[i] == len(texts)
+        np.testing.assert_array_equal(data.captions[i, :len(texts)], tokenizer.encode_batch(texts, 40))
+        # Rows past an image's own captions repeat its first.
+        for row in data.captions[i, len(texts):]:
+            np.testing.assert_array_equal(row, data.captions[i, 0])
+        assert np.all(data.twins[i][~data.twin_rows[i]] == text_lib.PAD_ID)
+    with pytest.raises(FileNotFoundError, match="holds no encoded records"):
+        captioner_data.load_split(sampling_workdir["vqgan_workdir"], "train", decode, tokenizer, 40)
+
+
+def test_caption_loss_is_the_mean_negative_log_likelihood_per_token(captioner_run, mesh):
+    model = captioner_load.load_captioner(captioner_run[0], mesh).model()
+    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    ids = np.full((2, 40), text_lib.PAD_ID, np.int32)
+    ids[0, :4] = [text_lib.BOS_ID, 5, 6, text_lib.EOS_ID]
+    ids[1, :7] = [text_lib.BOS_ID, 7, 8, 9, 10, 11, text_lib.EOS_ID]
+    loss, accuracy, (token_log_probs, real) = jax.jit(lambda i, t: (
+        *captioner_step.caption_loss(model, i, t), model.token_log_probs(model.encode_images(i), t)))(images, ids)
+    token_log_probs, real = np.asarray(token_log_probs), np.asarray(real)
+    # 3 + 6 scored tokens: a mean per token, not per caption.
+    assert real.sum() == 9
+    assert float(loss) == pytest.approx(-token_log_probs[real].sum() / 9, rel=1e-5)
+    assert float(accuracy) == pytest.approx((token_log_probs[real] > np.log(0.5)).sum() / 9)
+
+
+def test_an_empty_seq2seq_workdir_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="seq2seq_workdir is empty"):
+        captioner.train(tiny_config(""), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.patch_size", 5, "patch_size=5 must divide config.model.image_size=32"),
+    ("eval_batch_size", 32, "eval_batch_size=32 is larger than config.eval_examples=16"),
+    ("train_examples", 0, "train_examples=0"),
+])
+def test_bad_configs_fail_before_any_work(sampling_workdir, tmp_path, field, value, message):  # noqa: F811
+    config = tiny_config(sampling_workdir["workdir"])
+    section, _, name = field.rpartition(".")
+    (config[section] if section else config)[name] = value
+    with pytest.raises(ValueError, match=message):
+        captioner.train(config, str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_load_captioner_refuses_what_is_not_a_trained_captioner(captioner_run, sampling_workdir, tmp_path,  # noqa: F811
+                                                                mesh):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        captioner_load.load_captioner(str(tmp_path / "missing"), mesh)
+    with pytest.raises(ValueError, match="'vqgan' trainer"):
+        captioner_load.load_captioner(sampling_workdir["vqgan_workdir"], mesh)
+    with pytest.raises(ValueError, match="'seq2seq' trainer"):
+        captioner_load.load_captioner(sampling_workdir["workdir"], mesh)
+    fresh = str(tmp_path / "fresh")
+    workdir_lib.save_config(workdir_lib.load_config(captioner_run[0]), fresh)
+    with pytest.raises(FileNotFoundError, match="no checkpoint yet"):
+        captioner_load.load_captioner(fresh, mesh)
+    loaded = captioner_load.load_captioner(captioner_run[0], mesh, step=3)
+    assert loaded.step == 3 and loaded.workdir == os.path.abspath(captioner_run[0])
+    with pytest.raises(ValueError, match="no checkpoint of step 4"):
+        captioner_load.load_captioner(captioner_run[0], mesh, step=4)
