@@ -89,8 +89,9 @@ def subprocess_env(compilation_cache: str, devices: int = 1) -> dict:
 # Scheduling under `pytest -n 2 --dist loadfile` (`make test`). A unit of work is a file, so its module fixtures are
 # built once in one worker, except where UNITS says otherwise: the trainers' multi-device runs go apart from their
 # single-device runs (different fixtures), the two fault files that share the session's reference run go together,
-# the independent long runs of test_nonfinite go alone, and the two files that share the tiny captioner run go together. Units are handed out longest first (COST: seconds on an
-# idle 2-core machine, rounded; only the order matters), so no worker is left alone with a long one at the end.
+# the independent long runs of test_nonfinite go alone, and the two files that share the tiny captioner run go
+# together. Units are handed out longest first (COST: seconds on an idle 2-core machine, rounded; only the order
+# matters), so no worker is left alone with a long one at the end.
 UNITS = {
     "trainers/test_vqgan_trainer.py::test_eight_device_mesh_matches_one_device": "vqgan_trainer_meshes",
     "trainers/test_vqgan_trainer.py::test_two_processes_match_one_process_of_eight_devices": "vqgan_trainer_meshes",

@@ -18,7 +18,7 @@ from tests.test_pipeline import sampling_workdir  # noqa: F401  (the shared tiny
 PROMPTS = ["a small red circle in the top left", "a green triangle above a purple circle", ""]
 SETTINGS = ["--temperature=1.2", "--top_k=16", "--top_p=0.95", "--cond_scale=3"]
 RECORD_KEYS = {"prompt", "seed", "index", "temperature", "top_k", "top_p", "cond_scale", "candidates", "text_ids",
-               "uncond_text_ids", "image_ids", "score", "draw", "file", "workdir", "step"}
+               "uncond_text_ids", "image_ids", "score", "scorer", "draw", "file", "workdir", "step"}
 
 
 def run_cli(*args):
@@ -108,6 +108,7 @@ def test_guidance_off_records_no_unconditional_prompt(sampling_workdir, tmp_path
     (["--prompt=x", "--temperature=0"], "--temperature=0.0 must be a finite number > 0"),
     (["--prompt=x", "--temperature=-1"], "--temperature=-1.0 must be a finite number > 0"),
     (["--prompt=x", "--candidates=0"], "--candidates=0 must be an integer >= 1"),
+    (["--prompt=x", "--reranker_workdir=/nonexistent/reranker"], "--reranker_workdir=.* does not exist"),
 ])
 def test_bad_flags_fail_before_loading(args, message, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.TextToImage, "from_workdir", lambda *a, **k: pytest.fail("loaded the run"))

@@ -72,7 +72,8 @@ def test_one_object_pairs_split_the_one_object_scenes_by_colour_and_shape(sampli
 
 
 def test_report_structure(report, pipe):
-    assert set(report) == {"workdir", "step", "seed", "settings", "sets"}
+    assert set(report) == {"workdir", "step", "seed", "settings", "scorer", "sets"}
+    assert report["scorer"] == "seq2seq"
     assert report["step"] == 12 and report["seed"] == 3 and report["settings"] == dict(SETTINGS, candidates=1)
     assert report["workdir"] == pipe.seq2seq.workdir
     assert list(report["sets"]) == ["test", "test_compositional"]
@@ -162,7 +163,8 @@ def test_bad_inputs_fail_before_sampling(sampling_workdir, pipe, tmp_path, monke
     with pytest.raises(ValueError, match="has no scene: its dataset is not captioned_shapes"):
         ev.split_examples(str(tmp_path / "folder_run"), "test")
     for flag, message in (("--max_examples=0", "--max_examples=0 must be at least 1"),
-                          ("--candidates=0", "--candidates=0 must be an integer >= 1")):
+                          ("--candidates=0", "--candidates=0 must be an integer >= 1"),
+                          ("--reranker_workdir=/nonexistent", "--reranker_workdir='/nonexistent' does not exist")):
         fv = flags.FlagValues()
         ev.define_flags(fv)
         fv(["evaluate_samples", f"--workdir={sampling_workdir['workdir']}", f"--out={tmp_path / 'r.json'}", flag])
