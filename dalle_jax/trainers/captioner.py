@@ -66,10 +66,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                         in_shardings=(shardings["params"], parallel.batch_sharding(mesh)),
                         out_shardings=parallel.replicated(mesh))
 
-    def evaluate_split(params, split: str) -> dict:
-        data = captioner_data.load_split(encoded_dir, split, decode, tokenizer, length,
+    @functools.cache  # each evaluation split is read and decoded once, however often it is evaluated
+    def eval_data(split: str) -> captioner_data.CaptionedPictures:
+        return captioner_data.load_split(encoded_dir, split, decode, tokenizer, length,
                                          max_examples=config.eval_examples, progress=False)
-        return _evaluate(eval_step, params, data, config.eval_batch_size, mesh)
+
+    def evaluate_split(params, split: str) -> dict:
+        return _evaluate(eval_step, params, eval_data(split), config.eval_batch_size, mesh)
 
     def evaluate_and_write(state, step):
         writer.write_scalars(step, {f"eval/{k}": v for k, v in evaluate_split(state["params"], "validation").items()})
