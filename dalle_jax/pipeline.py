@@ -96,9 +96,11 @@ class TextToImage:
         self.default_settings = (SamplingSettings.from_config(seq2seq.config.sampling)
                                  if default_settings is None else default_settings)
         self.default_settings.validate()
-        self._graphdef, self._state = nnx.split(seq2seq.model())
         if all(device.platform == "cpu" for device in mesh.devices.flat):
-            self._graphdef, self._state = sampling.with_row_products(self._graphdef, self._state)
+            model = sampling.unrolled_model(seq2seq.config.model, seq2seq.params)
+            self._graphdef, self._state = sampling.with_row_products(*nnx.split(model))
+        else:
+            self._graphdef, self._state = nnx.split(seq2seq.model())
         self._decode = jax.jit(functools.partial(vqgan_load.decode_uint8, vqgan))
         self._rerank = None if reranker is None else jax.jit(
             functools.partial(_rerank, vqgan, reranker.setup), static_argnums=4)

@@ -153,6 +153,15 @@ def test_a_model_with_row_products_prepared_once_samples_the_same(split_model):
     np.testing.assert_array_equal(sample(prepared, PROMPTS), sample(split_model, PROMPTS))
 
 
+def test_an_unrolled_copy_samples_the_same(split_model):
+    cfg = make_cfg()
+    assert cfg.scan_layers
+    params = nnx.state(nnx.merge(*split_model), nnx.Param).to_pure_dict()
+    unrolled = sampling.unrolled_model(cfg, params)
+    assert not unrolled.decoder.scan_layers and len(unrolled.decoder.layers) == cfg.decoder_layers
+    np.testing.assert_array_equal(sample(nnx.split(unrolled), PROMPTS), sample(split_model, PROMPTS))
+
+
 def test_a_static_top_k_partial_sort_equals_the_full_sort():
     logits = jnp.asarray(np.random.default_rng(3).normal(size=(4, 96)) * 3, jnp.float32)
     for k, p in ((1, 1.0), (5, 1.0), (5, 0.5), (40, 0.9), (96, 0.3), (500, 0.95)):

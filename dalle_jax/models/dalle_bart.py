@@ -293,6 +293,24 @@ def dense_equivalent(cfg: ml_collections.ConfigDict, params: dict) -> tuple[ml_c
     return dense_cfg, dict(params, decoder=decoder)
 
 
+def unrolled_equivalent(cfg: ml_collections.ConfigDict, params: dict) -> tuple[ml_collections.ConfigDict, dict]:
+    """A config with `scan_layers` and its parameters (pure dict) -> the same model with its layers unrolled
+    (`scan_layers=False`): every stacked leaf under `encoder.layers` and `decoder.layers` split along its leading
+    layer axis. Configs without scanned layers come back unchanged."""
+    if not cfg.scan_layers:
+        return cfg, params
+    params = dict(params)
+    for part in ("encoder", "decoder"):
+        stack = params[part].get("layers")
+        if stack:
+            count = jax.tree.leaves(stack)[0].shape[0]
+            params[part] = dict(params[part], layers={i: jax.tree.map(lambda x, i=i: x[i], stack)
+                                                      for i in range(count)})
+    unrolled_cfg = ml_collections.ConfigDict(cfg.to_dict())
+    unrolled_cfg.scan_layers = False
+    return unrolled_cfg, params
+
+
 def train_flops_per_example(cfg: ml_collections.ConfigDict) -> float:
     """Model FLOPs of one training example (forward + backward = 3x forward) at full text and image length.
 

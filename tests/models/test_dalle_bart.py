@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from dalle_jax.models import transformer_layers as tl
 from dalle_jax.models.dalle_bart import (
-    MASKED_LOGIT, DalleBart, padded_image_vocab_size, teacher_forcing_inputs, validate_config)
+    MASKED_LOGIT, DalleBart, padded_image_vocab_size, teacher_forcing_inputs, unrolled_equivalent, validate_config)
 from dalle_jax.models.seq2seq_loss import image_token_loss
 
 # The tests' programs are tiny: LLVM's optimisations would cost more compile time than they save at run time.
@@ -194,6 +194,24 @@ def test_scanned_equals_unrolled(unrolled_pure, forward):
     unrolled = forward(model_from_pure(make_cfg(scan_layers=False), unrolled_pure))
     scanned = forward(model_from_pure(make_cfg(scan_layers=True), stack_layers(unrolled_pure)))
     np.testing.assert_allclose(scanned, unrolled, rtol=1e-6, atol=1e-6)
+
+
+def _leaf_values(tree):
+    return jax.tree.map(lambda x: np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                                             else x), tree)
+
+
+@pytest.mark.parametrize("encoder_layers", [2, 0])
+def test_unrolled_equivalent_splits_each_stack_into_its_layers(unrolled_pure, encoder_layers):
+    unrolled = unrolled_pure if encoder_layers else without_encoder_layers(unrolled_pure)
+    cfg = make_cfg(scan_layers=True, encoder_layers=encoder_layers)
+    got_cfg, got = unrolled_equivalent(cfg, stack_layers(unrolled))
+    assert got_cfg.scan_layers is False and cfg.scan_layers is True  # the given config is left as it was
+    assert jax.tree.structure(got) == jax.tree.structure(unrolled)
+    jax.tree.map(np.testing.assert_array_equal, _leaf_values(got), _leaf_values(unrolled))
+    unrolled_cfg = make_cfg(scan_layers=False)
+    same_cfg, same = unrolled_equivalent(unrolled_cfg, unrolled)
+    assert same_cfg is unrolled_cfg and same is unrolled
 
 
 def test_logits_shape_dtype_and_masked_columns(unrolled_pure, forward):
