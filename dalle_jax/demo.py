@@ -96,9 +96,9 @@ def run_demo(root: str, max_examples: int) -> dict:
     def load():
         nonlocal pipe
         # The recipe's sampling settings, also for a model trained before they changed (its config keeps the old).
-        # 256 draws per call: 64 images of 4 candidates, so the grid (48 images) and the 500 prompts of a split (8
+        # 512 draws per call: 64 images of 8 candidates, so the grid (48 images) and the 500 prompts of a split (8
         # calls) share one compiled shape.
-        pipe = pipe or TextToImage.from_workdir(dalle_dir, batch_size=256, reranker_workdir=reranker_dir,
+        pipe = pipe or TextToImage.from_workdir(dalle_dir, batch_size=512, reranker_workdir=reranker_dir,
                                                 default_settings=SamplingSettings.from_config(dalle_config.sampling))
         return pipe
 

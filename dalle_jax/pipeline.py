@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from dalle_jax import images, parallel, sampling, seq2seq_load
 from dalle_jax.data import token_records
+from dalle_jax.models import captioner as captioner_lib
 from dalle_jax.sampling import SamplingSettings
 from dalle_jax.trainers import captioner_load, vqgan_load
 
@@ -262,10 +263,16 @@ def _likeliest(tokens: jax.Array, scores: jax.Array, candidates: int) -> tuple[j
 
 def _rerank(vqgan: vqgan_load.LoadedVQGAN, setup, vqgan_params, captioner_params, tokens: jax.Array,
             text_ids: jax.Array, candidates: int) -> tuple[jax.Array, ...]:
-    """Decodes every draw (N*K rows, K consecutive per image) and keeps, per image, the one whose picture the
-    caption model finds its prompt likeliest for: (N, L) codes, (N, H, W, 3) pixels, (N,) scores, (N,) which."""
+    """Keeps, of every image's draws (N*K rows, K consecutive per image), the one whose picture the caption model
+    finds its prompt likeliest for: (N, L) codes, (N, H, W, 3) pixels, (N,) scores, (N,) which. A model that reads
+    code features scores the codes and only the kept draws are decoded; one that reads pixels needs every draw
+    decoded."""
+    model = setup.model(captioner_params)
+    if captioner_lib.reads(setup.config.model) == "code_features":
+        tokens, scores, best = _likeliest(tokens, model.log_likelihood(tokens, jnp.asarray(text_ids)), candidates)
+        return tokens, vqgan_load.decode_uint8(vqgan, vqgan_params, tokens), scores, best
     pixels = vqgan_load.decode_uint8(vqgan, vqgan_params, tokens)
-    scores = setup.model(captioner_params).log_likelihood(pixels, jnp.asarray(text_ids))
+    scores = model.log_likelihood(pixels, jnp.asarray(text_ids))
     tokens, scores, best = _likeliest(tokens, scores, candidates)
     pixels = pixels.reshape(scores.shape[0], candidates, *pixels.shape[1:])
     return tokens, jnp.take_along_axis(pixels, best[:, None, None, None, None], axis=1)[:, 0], scores, best
@@ -306,6 +313,13 @@ def _check_reranker(reranker: captioner_load.LoadedCaptioner, seq2seq: seq2seq_l
                          f"{config.seq2seq_workdir!r}, not that of {seq2seq.workdir}, so it would read other words "
                          "into the prompts' ids. Train a reranker for this run (configs/shapes_captioner.py with "
                          f"--config.seq2seq_workdir={seq2seq.workdir}).")
+    if captioner_lib.reads(config.model) == "code_features":
+        theirs = (config.model.image_length, config.model.image_vocab_size)
+        ours = (seq2seq.config.model.image_length, seq2seq.config.model.image_vocab_size)
+        if theirs != ours:
+            raise ValueError(f"The reranker in {reranker.workdir} reads {theirs[0]} codes from a codebook of "
+                             f"{theirs[1]}, but {seq2seq.workdir} draws {ours[0]} codes from {ours[1]}. Train a "
+                             "reranker for this run.")
     if config.model.text_length != seq2seq.config.model.text_length or \
             config.model.image_size != vqgan.config.model.resolution:
         raise ValueError(f"The reranker in {reranker.workdir} reads {config.model.text_length} text tokens and "

@@ -9,9 +9,10 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dalle_jax.models import captioner as captioner_lib
 from dalle_jax.pipeline import TextToImage
 from tests.test_pipeline import sampling_workdir  # noqa: F401  (the shared tiny seq2seq work directory)
-from tests.trainers.test_captioner_trainer import captioner_run  # noqa: F401  (trained once per session)
+from tests.trainers.test_captioner_trainer import captioner_run, pixel_captioner_run  # noqa: F401  (once per session)
 
 PROMPTS = ["a small red circle in the top left", "a green triangle above a purple circle"]
 SETTINGS = dict(temperature=1.2, top_k=16, top_p=0.95, cond_scale=3.0)
@@ -33,13 +34,15 @@ def reranked(reranked_pipe):
     return reranked_pipe(PROMPTS, num_images=NUM_IMAGES, seed=SEED, candidates=K, **SETTINGS)
 
 
-def test_each_image_is_the_candidate_the_captioner_scores_highest(reranked_pipe, plain_pipe, reranked):
+def assert_kept_draws_are_the_captioners_best(reranked_pipe, plain_pipe, reranked):
     assert reranked.scorer == "reranker"
     # With one candidate, image i*K + c is draw i*K + c: every candidate of the K-candidate call, in order.
     singles = plain_pipe(PROMPTS, num_images=NUM_IMAGES * K, seed=SEED, candidates=1, **SETTINGS)
-    images = singles.images.reshape(-1, 32, 32, 3)
+    reads_codes = captioner_lib.reads(reranked_pipe.reranker.config.model) == "code_features"
+    read = singles.image_ids.reshape(-1, singles.image_ids.shape[-1]) if reads_codes else \
+        singles.images.reshape(-1, 32, 32, 3)
     text_ids = np.repeat(singles.text_ids, NUM_IMAGES * K, axis=0)
-    scores = np.asarray(reranked_pipe.reranker.model().log_likelihood(images, text_ids)).reshape(
+    scores = np.asarray(reranked_pipe.reranker.model().log_likelihood(read, text_ids)).reshape(
         len(PROMPTS), NUM_IMAGES, K)
     best = scores.argmax(-1)
     image_index = np.arange(len(PROMPTS) * NUM_IMAGES).reshape(len(PROMPTS), NUM_IMAGES)
@@ -55,6 +58,21 @@ def test_each_image_is_the_candidate_the_captioner_scores_highest(reranked_pipe,
     by_seq2seq = plain_pipe(PROMPTS, num_images=NUM_IMAGES, seed=SEED, candidates=K, **SETTINGS)
     assert by_seq2seq.scorer == "seq2seq"
     assert np.any(by_seq2seq.draws != reranked.draws)
+
+
+def test_each_image_is_the_candidate_the_captioner_scores_highest(reranked_pipe, plain_pipe, reranked):
+    # The tiny recipe's caption model reads the draws' codes: only the kept ones are decoded.
+    assert captioner_lib.reads(reranked_pipe.reranker.config.model) == "code_features"
+    assert_kept_draws_are_the_captioners_best(reranked_pipe, plain_pipe, reranked)
+
+
+def test_a_caption_model_that_reads_pixels_keeps_its_best_candidate(sampling_workdir, pixel_captioner_run,  # noqa: F811
+                                                                     plain_pipe):
+    pipe = TextToImage.from_workdir(sampling_workdir["workdir"], reranker_workdir=pixel_captioner_run[0],
+                                    batch_size=8)
+    assert captioner_lib.reads(pipe.reranker.config.model) == "pixels"
+    reranked = pipe(PROMPTS, num_images=NUM_IMAGES, seed=SEED, candidates=K, **SETTINGS)
+    assert_kept_draws_are_the_captioners_best(pipe, plain_pipe, reranked)
 
 
 def test_one_candidate_needs_no_reranking(reranked_pipe, plain_pipe):

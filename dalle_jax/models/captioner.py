@@ -4,8 +4,15 @@ The sampler draws several candidates per prompt; the seq2seq model's own likelih
 right picture from a wrong one it finds equally likely, but a model that reads the picture can. The image is cut
 into patches, embedded by one linear layer and read by bidirectional encoder layers; a causal text decoder
 cross-attends to the patches and predicts the caption's next token.
+
+With `config.reads = "code_features"` the model reads the sampled codes instead of their pictures, so no candidate
+is decoded to be scored: each code is described by its fixed appearance features (`models/code_features.py`: where
+it draws and in which colour, measured on the training images), embedded by one linear layer, and a 3x3
+convolution over the code grid adds what its neighbours show before the encoder layers.
 """
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,13 +23,28 @@ from dalle_jax.data import text as text_lib
 from dalle_jax.models import transformer_layers as tl
 
 
+READS = ("pixels", "code_features")
+
+
+def reads(config: ml_collections.ConfigDict) -> str:
+    """What the model reads of a candidate: "pixels" (its decoded picture) or "code_features" (its codes)."""
+    return str(config.get("reads", "pixels"))
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Fails, naming the field, on a shape the model cannot be built with."""
-    for field in ("image_size", "patch_size", "text_length", "vocab_size", "d_model", "heads", "ffn_dim",
-                  "encoder_layers", "decoder_layers"):
+    if reads(config) not in READS:
+        raise ValueError(f"config.model.reads={reads(config)!r}; use one of {READS}.")
+    picture_fields = ("image_size", "patch_size") if reads(config) == "pixels" else (
+        "image_length", "image_vocab_size", "code_features")
+    for field in picture_fields + ("text_length", "vocab_size", "d_model", "heads", "ffn_dim", "encoder_layers",
+                                   "decoder_layers"):
         if int(config[field]) < 1:
             raise ValueError(f"config.model.{field}={config[field]} must be at least 1.")
-    if config.image_size % config.patch_size:
+    if reads(config) == "code_features":
+        if math.isqrt(int(config.image_length)) ** 2 != config.image_length:
+            raise ValueError(f"config.model.image_length={config.image_length} must be a square grid of codes.")
+    elif config.image_size % config.patch_size:
         raise ValueError(f"config.model.patch_size={config.patch_size} must divide config.model.image_size="
                          f"{config.image_size}.")
     if config.d_model % config.heads:
@@ -33,12 +55,22 @@ class Captioner(nnx.Module):
     def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         validate_config(config)
         self.pad_id = text_lib.PAD_ID
-        self.patch_size = int(config.patch_size)
-        self.grid = int(config.image_size) // self.patch_size
+        self.reads = reads(config)
         d = int(config.d_model)
         kw = dict(dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
         layer_args = (d, int(config.heads), int(config.ffn_dim), "mlp", 0.0)
-        self.patch_embed = nnx.Linear(self.patch_size ** 2 * 3, d, rngs=rngs)
+        if self.reads == "pixels":
+            self.patch_size = int(config.patch_size)
+            self.grid = int(config.image_size) // self.patch_size
+            self.patch_embed = nnx.Linear(self.patch_size ** 2 * 3, d, rngs=rngs)
+        else:
+            self.grid = math.isqrt(int(config.image_length))
+            # Fixed (training/optimizers.FROZEN); the trainer measures them. One row per code and the seq2seq
+            # model's start token, as `trainers/code_features_stage.measure` writes them.
+            self.code_features = nnx.Param(jnp.zeros((int(config.image_vocab_size) + 1, int(config.code_features)),
+                                                     jnp.float32))
+            self.feature_embed = nnx.Linear(int(config.code_features), d, rngs=rngs)
+            self.neighbourhood = nnx.Conv(d, d, (3, 3), rngs=rngs)
         self.patch_positions = nnx.Param(jax.random.normal(rngs.params(), (self.grid ** 2, d)) * 0.02)
         self.image_layers = nnx.List([tl.EncoderLayer(*layer_args, **kw) for _ in range(config.encoder_layers)])
         self.token_embed = nnx.Embed(int(config.vocab_size), d, rngs=rngs)
@@ -48,11 +80,17 @@ class Captioner(nnx.Module):
         self.lm_head = nnx.Linear(d, int(config.vocab_size), rngs=rngs)
 
     def encode_images(self, images: jax.Array) -> jax.Array:
-        """uint8 (B, H, W, 3) -> (B, patches, d_model)."""
-        x = images.astype(jnp.float32) / 127.5 - 1.0
-        b, g, p = x.shape[0], self.grid, self.patch_size
-        x = x.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * 3)
-        x = self.patch_embed(x) + self.patch_positions[...]
+        """uint8 pictures (B, H, W, 3), or int32 codes (B, image_length) for a model that reads code features ->
+        (B, patches, d_model)."""
+        b, g = images.shape[0], self.grid
+        if self.reads == "pixels":
+            p = self.patch_size
+            x = images.astype(jnp.float32) / 127.5 - 1.0
+            x = self.patch_embed(x.reshape(b, g, p, g, p, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, p * p * 3))
+        else:
+            x = self.feature_embed(jax.lax.stop_gradient(self.code_features[...])[images])
+            x = x + jax.nn.gelu(self.neighbourhood(x.reshape(b, g, g, -1))).reshape(b, g * g, -1)
+        x = x + self.patch_positions[...]
         every_patch = jnp.ones((1, 1, 1, g * g), bool)
         for layer in self.image_layers:
             x = layer(x, every_patch, deterministic=True)
@@ -84,5 +122,5 @@ class Captioner(nnx.Module):
         return jnp.where(real, token_log_probs, 0.0).sum(axis=1)
 
     def log_likelihood(self, images: jax.Array, text_ids: jax.Array) -> jax.Array:
-        """log p(caption | image) (B,) for uint8 images (B, H, W, 3) and their captions' ids (B, T)."""
+        """log p(caption | image) (B,) for images (as `encode_images` takes them) and their captions' ids (B, T)."""
         return self.caption_log_likelihood(self.encode_images(images), text_ids)

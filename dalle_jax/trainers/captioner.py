@@ -18,8 +18,9 @@ import ml_collections
 import numpy as np
 
 from dalle_jax import parallel, seq2seq_load
-from dalle_jax.data import token_records
-from dalle_jax.trainers import captioner_data, captioner_step, vqgan_load
+from dalle_jax.data import shapes_scene, token_records
+from dalle_jax.models import captioner as captioner_lib, code_features
+from dalle_jax.trainers import captioner_data, captioner_step, code_features_stage, vqgan_load
 from dalle_jax.training import checkpointing, loop, metrics as metrics_lib, workdir as workdir_lib
 from dalle_jax.training.progress import Progress
 
@@ -41,9 +42,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         parallel.check_global_batch(config[field], mesh, f"config.{field}")
     workdir_lib.save_config(config, workdir)
 
-    # 2. Pictures and captions, decoded and tokenized once.
+    # 2. Pictures (or codes) and captions, decoded and tokenized once.
     encoded_dir = os.path.join(config.seq2seq_workdir, token_records.ENCODED_DIR)
-    decode = captioner_data.decode_fn(vqgan)
+    reads_codes = captioner_lib.reads(config.model) == "code_features"
+    decode = None if reads_codes else captioner_data.decode_fn(vqgan)
     length = config.model.text_length
     train_data = captioner_data.load_split(encoded_dir, "train", decode, tokenizer, length,
                                            max_examples=None if config.train_examples < 0 else config.train_examples)
@@ -57,6 +59,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
                                                  fall_back=config.faults.restore_fallback)
     if start >= cadence.last_step and not cadence.finishes_run:
         return None
+    if start == 0 and reads_codes:  # a fresh run measures its codes' appearance on the seq2seq run's images
+        features = code_features_stage.measure(seq2seq_config, token_records.open_split(encoded_dir, "train"))
+        state = dict(state, params=dict(state["params"], code_features=jax.device_put(
+            features, shardings["params"]["code_features"])))
     writer = metrics_lib.MetricsWriter(workdir)
     writer.drop_after(start)
 
@@ -106,12 +112,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
 
 
 def with_seq2seq_shapes(config, seq2seq_config, tokenizer, vqgan) -> ml_collections.ConfigDict:
-    """`config` with the shapes it takes from the seq2seq run (text length, vocabulary, picture size) and the
-    fingerprint of that run's tokenizer, which sampling checks against the run it reranks for."""
+    """`config` with the shapes it takes from the seq2seq run (text length, vocabulary, picture size, codes and
+    their feature width) and the fingerprint of that run's tokenizer, which sampling checks against the run it
+    reranks for."""
     config = ml_collections.ConfigDict(config.to_dict())
     config.model.text_length = int(seq2seq_config.model.text_length)
     config.model.vocab_size = int(tokenizer.vocab_size)
     config.model.image_size = int(vqgan.config.model.resolution)
+    config.model.image_length = int(seq2seq_config.model.image_length)
+    config.model.image_vocab_size = int(seq2seq_config.model.image_vocab_size)
+    config.model.code_features = 0
+    if captioner_lib.reads(config.model) == "code_features":
+        if seq2seq_config.data.dataset != "captioned_shapes":
+            raise ValueError(f"config.model.reads='code_features' describes codes by the captioned_shapes palette, "
+                             f"but the seq2seq run {config.seq2seq_workdir!r} learned from "
+                             f"{seq2seq_config.data.dataset!r}; set --config.model.reads=pixels.")
+        config.model.code_features = code_features.palette_width(len(shapes_scene.COLORS))
     config.tokenizer_sha256 = seq2seq_load.tokenizer_fingerprint(config.seq2seq_workdir)
     return config
 

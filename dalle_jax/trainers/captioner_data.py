@@ -1,4 +1,5 @@
-"""The caption model's examples: a seq2seq run's encoded records, decoded to pixels, with their captions tokenized.
+"""The caption model's examples: a seq2seq run's encoded records, decoded to pixels (or kept as codes, for a model
+that reads code features), with their captions tokenized.
 
 Training on the VQGAN's reconstructions rather than the dataset's own pixels shows the model pictures as the
 sampler makes them. Each step's batch is drawn from (seed, step) alone, so a resumed run sees what an unbroken one
@@ -23,7 +24,7 @@ TWIN_CAPTIONS = 1 + len(caption_probe.TWINS)  # the canonical caption, then each
 
 @dataclasses.dataclass(frozen=True)
 class CaptionedPictures:
-    images: np.ndarray  # uint8 (N, H, W, 3)
+    images: np.ndarray  # uint8 (N, H, W, 3) pictures, or int32 (N, image_length) codes when not decoded
     captions: np.ndarray  # int32 (N, C, text_length): each record's captions, the first repeated to fill C
     caption_counts: np.ndarray  # int32 (N,): how many of the C rows are distinct captions
     twins: np.ndarray  # int32 (N, TWIN_CAPTIONS, text_length): canonical caption and its twins (two-object scenes)
@@ -47,7 +48,8 @@ def decode_fn(vqgan):
 
 def load_split(encoded_dir: str, split: str, decode, tokenizer, text_length: int, *, max_examples: int | None = None,
                batch_size: int = 1000, progress: bool = True) -> CaptionedPictures:
-    """The first `max_examples` (default: all) records of `split`, decoded `batch_size` at a time."""
+    """The first `max_examples` (default: all) records of `split`, decoded `batch_size` at a time (`decode` None:
+    their codes, undecoded)."""
     if not os.path.exists(os.path.join(encoded_dir, token_records.MANIFEST)):
         raise FileNotFoundError(
             f"{encoded_dir} holds no encoded records: the caption model learns from a seq2seq run trained by this "
@@ -70,7 +72,7 @@ def load_split(encoded_dir: str, split: str, decode, tokenizer, text_length: int
                 twins[i, j] = tokenizer.encode(caption, text_length)
                 twin_rows[i, j] = True
     codes = np.stack([np.asarray(r["codes"], np.int32) for r in records])
-    images = np.concatenate([decode(codes[s:s + batch_size]) for s in tqdm(
+    images = codes if decode is None else np.concatenate([decode(codes[s:s + batch_size]) for s in tqdm(
         range(0, count, batch_size), desc=f"decoding {split}", unit="batch", disable=not progress)])
     return CaptionedPictures(images=images, captions=captions, caption_counts=counts, twins=twins,
                              twin_rows=twin_rows)

@@ -10,11 +10,21 @@ from dalle_jax.data.text import BOS_ID, EOS_ID, PAD_ID
 from dalle_jax.models.captioner import Captioner, validate_config
 
 IMAGE_SIZE, TEXT_LENGTH, VOCAB_SIZE = 32, 12, 20
+GRID, CODEBOOK, FEATURES = 4, 10, 6
 
 
 def tiny_model_config() -> ml_collections.ConfigDict:
     config = shapes_captioner.get_config("tiny").model
+    config.reads = "pixels"
     config.image_size, config.text_length, config.vocab_size = IMAGE_SIZE, TEXT_LENGTH, VOCAB_SIZE
+    return config
+
+
+def code_reader_config() -> ml_collections.ConfigDict:
+    config = shapes_captioner.get_config("tiny").model
+    assert config.reads == "code_features"
+    config.image_size, config.text_length, config.vocab_size = IMAGE_SIZE, TEXT_LENGTH, VOCAB_SIZE
+    config.image_length, config.image_vocab_size, config.code_features = GRID * GRID, CODEBOOK, FEATURES
     return config
 
 
@@ -108,6 +118,40 @@ def test_the_score_depends_on_the_image_and_on_the_caption(log_likelihood):
     np.testing.assert_allclose(by_caption[0], by_image[0], rtol=1e-6)
 
 
+def test_a_code_reader_sees_codes_only_through_their_features():
+    model = Captioner(code_reader_config(), rngs=nnx.Rngs(0))
+    features = np.random.default_rng(5).normal(size=(CODEBOOK + 1, FEATURES)).astype(np.float32)
+    features[7] = features[3]  # codes 3 and 7 look alike
+    model.code_features.value = features
+    score = jax.jit(model.log_likelihood)
+    codes = np.tile(np.random.default_rng(6).integers(0, CODEBOOK, (1, GRID * GRID)).astype(np.int32), (3, 1))
+    codes[:, :2] = 3
+    codes[1, 0] = 7  # the same picture as row 0 to the model
+    codes[2, 0] = 5  # another
+    ids = np.stack([caption([4, 5, 6])] * 3)
+    scores = np.asarray(score(codes, ids))
+    assert model.encode_images(codes).shape == (3, GRID * GRID, 32)
+    assert scores[0] == pytest.approx(scores[1], abs=1e-6)
+    assert abs(scores[0] - scores[2]) > 1e-4
+    # A code's neighbours matter too: the convolution over the grid reads them.
+    patches = np.asarray(model.encode_images(codes[[0, 2]]))
+    assert np.abs(patches[0, 1] - patches[1, 1]).max() > 1e-4
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("reads", "captions", "reads='captions'; use one of"),
+    ("image_length", 15, "image_length=15 must be a square grid"),
+    ("code_features", 0, "code_features=0 must be at least 1"),
+    ("image_vocab_size", 0, "image_vocab_size=0 must be at least 1"),
+])
+def test_validate_config_names_the_bad_field_of_a_code_reader(field, value, message):
+    config = code_reader_config()
+    validate_config(config)
+    config[field] = value
+    with pytest.raises(ValueError, match=message):
+        validate_config(config)
+
+
 @pytest.mark.parametrize("field, value, message", [
     ("patch_size", 5, "patch_size=5 must divide config.model.image_size=32"),
     ("heads", 3, "heads=3 must divide config.model.d_model=32"),
@@ -126,7 +170,7 @@ def test_validate_config_names_the_bad_field(field, value, message):
 
 def test_the_trainers_config_leaves_the_run_shapes_unset():
     # The trainer fills these in from the seq2seq run; a model built straight from the config file fails early.
-    with pytest.raises(ValueError, match="image_size=0"):
+    with pytest.raises(ValueError, match="image_length=0"):
         validate_config(shapes_captioner.get_config("tiny").model)
     with pytest.raises(ValueError, match="Unknown variant"):
         shapes_captioner.get_config("huge")

@@ -9,8 +9,10 @@ import pytest
 
 from configs import shapes_captioner
 from dalle_jax import parallel, seq2seq_load
-from dalle_jax.data import text as text_lib, token_records
-from dalle_jax.trainers import captioner, captioner_data, captioner_load, captioner_step, vqgan_load
+from dalle_jax.data import shapes_scene, text as text_lib, token_records
+from dalle_jax.models import code_features
+from dalle_jax.trainers import (captioner, captioner_data, captioner_load, captioner_step, code_features_stage,
+                                vqgan_load)
 from dalle_jax.training import checkpointing, workdir as workdir_lib
 from dalle_jax.training.metrics import read_metrics
 from tests.conftest import TINY_SPLITS, once_per_session
@@ -32,6 +34,14 @@ def captioner_run(tmp_path_factory, sampling_workdir):  # noqa: F811
 
 
 @pytest.fixture(scope="module")
+def pixel_captioner_run(tmp_path_factory, sampling_workdir):  # noqa: F811
+    """The same, reading decoded pictures instead of codes."""
+    config = tiny_config(sampling_workdir["workdir"])
+    config.model.reads = "pixels"
+    return once_per_session(tmp_path_factory, "pixel_captioner", lambda workdir: captioner.train(config, workdir))
+
+
+@pytest.fixture(scope="module")
 def mesh():
     return parallel.make_mesh(shapes_captioner.get_config("tiny").mesh)
 
@@ -48,6 +58,11 @@ def test_the_run_records_the_seq2seq_run_it_serves(captioner_run, sampling_workd
     assert config.model.text_length == seq2seq_load.read_config(seq2seq_dir).model.text_length == 40
     assert config.model.vocab_size == seq2seq_load.load_tokenizer(seq2seq_dir).vocab_size
     assert config.model.image_size == 32
+    seq2seq_config = seq2seq_load.read_config(seq2seq_dir)
+    assert config.model.reads == "code_features"
+    assert (config.model.image_length, config.model.image_vocab_size) == (
+        seq2seq_config.model.image_length, seq2seq_config.model.image_vocab_size)
+    assert config.model.code_features == code_features.palette_width(len(shapes_scene.COLORS))
     assert config.tokenizer_sha256 == seq2seq_load.tokenizer_fingerprint(seq2seq_dir)
     assert len(config.tokenizer_sha256) == 64
     with open(os.path.join(workdir, "test_metrics.json")) as f:
@@ -60,6 +75,29 @@ def test_the_run_records_the_seq2seq_run_it_serves(captioner_run, sampling_workd
     assert [m["step"] for m in lines if "eval/loss" in m] == [3, 6]
     assert all(math.isfinite(m["train/loss"]) for m in lines if "train/loss" in m)
     assert checkpointing.checkpoint_steps(workdir) == [3, 6]
+
+
+def test_the_code_features_are_measured_on_the_run_images_and_stay_fixed(captioner_run, sampling_workdir,  # noqa: F811
+                                                                        mesh):
+    seq2seq_dir = sampling_workdir["workdir"]
+    records = token_records.open_split(os.path.join(seq2seq_dir, token_records.ENCODED_DIR), "train")
+    measured = code_features_stage.measure(seq2seq_load.read_config(seq2seq_dir), records)
+    trained = params_of(captioner_run[0], mesh)["code_features"]
+    np.testing.assert_array_equal(trained, measured)
+    assert np.abs(measured).sum() > 0
+
+
+def test_a_code_reader_for_another_dataset_is_refused(sampling_workdir, mesh):  # noqa: F811
+    seq2seq_dir = sampling_workdir["workdir"]
+    seq2seq_config = seq2seq_load.read_config(seq2seq_dir)
+    seq2seq_config.data.dataset = "captioned_folder"
+    tokenizer = seq2seq_load.load_tokenizer(seq2seq_dir)
+    vqgan = vqgan_load.load_vqgan(sampling_workdir["vqgan_workdir"], mesh)
+    with pytest.raises(ValueError, match="reads='code_features' describes codes by the captioned_shapes palette"):
+        captioner.with_seq2seq_shapes(tiny_config(seq2seq_dir), seq2seq_config, tokenizer, vqgan)
+    pixels = tiny_config(seq2seq_dir)
+    pixels.model.reads = "pixels"
+    assert captioner.with_seq2seq_shapes(pixels, seq2seq_config, tokenizer, vqgan).model.code_features == 0
 
 
 def test_a_resumed_run_ends_where_an_unbroken_one_does(captioner_run, sampling_workdir, tmp_path, mesh):  # noqa: F811
@@ -110,6 +148,16 @@ def test_train_batches_follow_from_seed_and_step_alone():
     assert len({tuple(row[:2]) for row in many["text_ids"]}) == data.caption_counts.sum()
 
 
+def test_load_split_without_a_decoder_keeps_the_codes(sampling_workdir):  # noqa: F811
+    seq2seq_dir = sampling_workdir["workdir"]
+    encoded = os.path.join(seq2seq_dir, token_records.ENCODED_DIR)
+    data = captioner_data.load_split(encoded, "validation", None, seq2seq_load.load_tokenizer(seq2seq_dir), 40,
+                                     max_examples=5, progress=False)
+    records = token_records.open_split(encoded, "validation")
+    np.testing.assert_array_equal(data.images, np.stack([records[i]["codes"] for i in range(5)]))
+    assert data.images.dtype == np.int32
+
+
 def test_load_split_decodes_the_run_records_and_tokenizes_their_captions(sampling_workdir, mesh):  # noqa: F811
     seq2seq_dir = sampling_workdir["workdir"]
     encoded = os.path.join(seq2seq_dir, token_records.ENCODED_DIR)
@@ -137,8 +185,11 @@ def test_load_split_decodes_the_run_records_and_tokenizes_their_captions(samplin
 
 
 def test_caption_loss_is_the_mean_negative_log_likelihood_per_token(captioner_run, mesh):
-    model = captioner_load.load_captioner(captioner_run[0], mesh).model()
-    images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    loaded = captioner_load.load_captioner(captioner_run[0], mesh)
+    model = loaded.model()
+    # It reads codes, as the sampler draws them.
+    images = np.random.default_rng(0).integers(0, loaded.config.model.image_vocab_size,
+                                               (2, loaded.config.model.image_length), dtype=np.int32)
     ids = np.full((2, 40), text_lib.PAD_ID, np.int32)
     ids[0, :4] = [text_lib.BOS_ID, 5, 6, text_lib.EOS_ID]
     ids[1, :7] = [text_lib.BOS_ID, 7, 8, 9, 10, 11, text_lib.EOS_ID]
@@ -158,7 +209,7 @@ def test_an_empty_seq2seq_workdir_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("model.patch_size", 5, "patch_size=5 must divide config.model.image_size=32"),
+    ("model.reads", "captions", "reads='captions'; use one of"),
     ("eval_batch_size", 32, "eval_batch_size=32 is larger than config.eval_examples=16"),
     ("train_examples", 0, "train_examples=0"),
 ])
