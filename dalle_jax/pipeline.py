@@ -9,7 +9,8 @@ Image i of a request (prompt i // num_images) draws its randomness from (seed, i
 same whatever the batch size and the number of devices. With `candidates=K`, image i is the one of K drawn from
 (seed, i*K), ..., (seed, i*K + K-1) that scores highest: by default the seq2seq model's log p(image | prompt); with a
 reranker (`reranker_workdir=`, a caption model trained by `configs/shapes_captioner.py`) its log p(prompt | image),
-which reads the picture and so tells a right one from a wrong one the seq2seq model finds just as likely. K=1
+which reads the picture (its codes' appearance, or its decoded pixels) and so tells a right one from a wrong one
+the seq2seq model finds just as likely. K=1
 draws image i from (seed, i) itself. Requests are cut into batches of `batch_size` draws (batch_size // K images, at least one),
 each split over the mesh's data-parallel axes; the last batch is padded to the size of the others (so one
 compilation serves them all) and the padding dropped.
@@ -306,7 +307,7 @@ def _check_compatible(seq2seq: seq2seq_load.LoadedSeq2Seq, vqgan: vqgan_load.Loa
 def _check_reranker(reranker: captioner_load.LoadedCaptioner, seq2seq: seq2seq_load.LoadedSeq2Seq,
                     vqgan: vqgan_load.LoadedVQGAN) -> None:
     """The caption model must read the prompts' ids as the seq2seq run writes them, and pictures of the VQGAN's
-    size."""
+    size (or, reading codes, as many codes from a codebook as large as the run draws)."""
     config = reranker.config
     if config.get("tokenizer_sha256") != seq2seq_load.tokenizer_fingerprint(seq2seq.workdir):
         raise ValueError(f"The reranker in {reranker.workdir} was trained with the tokenizer of "
