@@ -56,8 +56,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # trains slower and needs every candidate decoded. A learned table per code instead of the features: 82.8% /
     # 36.2% (K=4); the features without the convolution: 79.4% / 39.2%.
     model.reads = "code_features"
-    # Reading pixels: 4x4-pixel patches, 64 image tokens. Reranking 4 draws of the shapes demo model on 500 examples per split,
-    # judged: 8x8 patches (16 tokens) 80.2% / 40.4% (test / test_compositional); 4x4 83.4% / 39.2%; 4x4 with
+    # Reading pixels: 4x4-pixel patches, 64 image tokens. Reranking 4 draws of the shapes demo model on 500 examples
+    # per split, judged: 8x8 patches (16 tokens) 80.2% / 40.4% (test / test_compositional); 4x4 83.4% / 39.2%; 4x4 with
     # d_model 128 and 2 encoder layers 82.6% / 40.8%, at 2.3x the training time.
     model.patch_size = 4
     model.d_model = 96

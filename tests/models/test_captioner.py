@@ -138,28 +138,18 @@ def test_a_code_reader_sees_codes_only_through_their_features():
     assert np.abs(patches[0, 1] - patches[1, 1]).max() > 1e-4
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("reads", "captions", "reads='captions'; use one of"),
-    ("image_length", 15, "image_length=15 must be a square grid"),
-    ("code_features", 0, "code_features=0 must be at least 1"),
-    ("image_vocab_size", 0, "image_vocab_size=0 must be at least 1"),
+@pytest.mark.parametrize("make_config, field, value, message", [
+    (tiny_model_config, "patch_size", 5, "patch_size=5 must divide config.model.image_size=32"),
+    (tiny_model_config, "heads", 3, "heads=3 must divide config.model.d_model=32"),
+    (tiny_model_config, "vocab_size", 0, "vocab_size=0 must be at least 1"),
+    (tiny_model_config, "encoder_layers", 0, "encoder_layers=0 must be at least 1"),
+    (code_reader_config, "reads", "captions", "reads='captions'; use one of"),
+    (code_reader_config, "image_length", 15, "image_length=15 must be a square grid"),
+    (code_reader_config, "code_features", 0, "code_features=0 must be at least 1"),
+    (code_reader_config, "image_vocab_size", 0, "image_vocab_size=0 must be at least 1"),
 ])
-def test_validate_config_names_the_bad_field_of_a_code_reader(field, value, message):
-    config = code_reader_config()
-    validate_config(config)
-    config[field] = value
-    with pytest.raises(ValueError, match=message):
-        validate_config(config)
-
-
-@pytest.mark.parametrize("field, value, message", [
-    ("patch_size", 5, "patch_size=5 must divide config.model.image_size=32"),
-    ("heads", 3, "heads=3 must divide config.model.d_model=32"),
-    ("vocab_size", 0, "vocab_size=0 must be at least 1"),
-    ("encoder_layers", 0, "encoder_layers=0 must be at least 1"),
-])
-def test_validate_config_names_the_bad_field(field, value, message):
-    config = tiny_model_config()
+def test_validate_config_names_the_bad_field(make_config, field, value, message):
+    config = make_config()
     validate_config(config)
     config[field] = value
     with pytest.raises(ValueError, match=message):
