@@ -11,8 +11,8 @@ same whatever the batch size and the number of devices. With `candidates=K`, ima
 reranker (`reranker_workdir=`, a caption model trained by `configs/shapes_captioner.py`) its log p(prompt | image),
 which reads the picture (its codes' appearance, or its decoded pixels) and so tells a right one from a wrong one
 the seq2seq model finds just as likely. K=1 draws image i from (seed, i) itself. Requests are cut into batches of
-`batch_size` draws (batch_size // K images, at least one), each split over the mesh's data-parallel axes; the last batch is padded to the size of the others (so one
-compilation serves them all) and the padding dropped.
+`batch_size` draws (batch_size // K images, at least one), each split over the mesh's data-parallel axes; the last
+batch is padded to the size of the others (so one compilation serves them all) and the padding dropped.
 """
 from __future__ import annotations
 
