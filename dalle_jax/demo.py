@@ -6,7 +6,8 @@ Stages: build captioned_shapes -> train the VQGAN (`ROOT/vqgan`) -> train the te
 (`ROOT/dalle`) -> train the caption model that picks among each image's candidates (`ROOT/reranker`) -> sample a
 grid for fixed prompts, held-out colour/shape pairs included (`ROOT/samples.png`) -> sample and judge `test` and
 `test_compositional` -> `ROOT/report.json`. A stage that finished in an earlier run is
-reused (its recorded time is kept); a stage that was interrupted resumes from its checkpoint.
+reused (its recorded time is kept); a stage that was interrupted resumes from its checkpoint. A run trained with
+an older recipe, or from a run that is trained again, is moved aside and trained afresh (`demo_reuse.py`).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 from absl import app, flags
 
 from configs import shapes_captioner, shapes_dalle, shapes_vqgan
+from dalle_jax import demo_reuse
 
 _ROOT = flags.DEFINE_string("root", "runs/demo", "Directory of the demo's work directories and outputs.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 500, "Examples judged per split (at most the split's size).")
@@ -81,10 +83,13 @@ def run_demo(root: str, max_examples: int) -> dict:
 
     stages.run("data", sources.builder_for(vqgan_config.data).is_prepared(),
                lambda: sources.prepare(vqgan_config.data))
-    stages.run("vqgan", _finished(vqgan_dir, vqgan_config), lambda: vqgan.train(vqgan_config, vqgan_dir))
-    stages.run("seq2seq", _finished(dalle_dir, dalle_config), lambda: seq2seq.train(dalle_config, dalle_dir))
-    stages.run("reranker", _finished(reranker_dir, reranker_config),
-               lambda: captioner.train(reranker_config, reranker_dir))
+    # A run of an older recipe, or one that learned from a run that trains again, is moved aside, not resumed.
+    vqgan_kept = demo_reuse.keep_or_move_aside(vqgan_dir, vqgan_config)
+    dalle_kept = demo_reuse.keep_or_move_aside(dalle_dir, dalle_config, upstream_kept=vqgan_kept)
+    reranker_kept = demo_reuse.keep_or_move_aside(reranker_dir, reranker_config, upstream_kept=dalle_kept)
+    stages.run("vqgan", vqgan_kept, lambda: vqgan.train(vqgan_config, vqgan_dir))
+    stages.run("seq2seq", dalle_kept, lambda: seq2seq.train(dalle_config, dalle_dir))
+    stages.run("reranker", reranker_kept, lambda: captioner.train(reranker_config, reranker_dir))
 
     from dalle_jax.eval import evaluate_samples
     from dalle_jax.pipeline import TextToImage
@@ -114,11 +119,6 @@ def run_demo(root: str, max_examples: int) -> dict:
     report = _report(stages.timings, vqgan_dir, dalle_dir, reranker_dir, _read_json(judged_path))
     _write_json(os.path.join(root, "report.json"), report)
     return report
-
-
-def _finished(workdir: str, config) -> bool:
-    final = _read_json(os.path.join(workdir, "test_metrics.json"))
-    return final is not None and final.get("step") == config.num_steps
 
 
 def _newer(path: str, than: float) -> bool:

@@ -35,6 +35,7 @@ from dalle_jax.data import token_records
 from dalle_jax.models import captioner as captioner_lib
 from dalle_jax.sampling import SamplingSettings
 from dalle_jax.trainers import captioner_load, vqgan_load
+from dalle_jax.training import workdir as workdir_lib
 
 DEFAULT_BATCH_SIZE = 16
 
@@ -91,7 +92,8 @@ class TextToImage:
         _check_compatible(seq2seq, vqgan)
         _warn_if_trained_on_another_vqgan(seq2seq, vqgan)
         if reranker is not None:
-            _check_reranker(reranker, seq2seq, vqgan)
+            _check_reranker(reranker.config, reranker.workdir, seq2seq.config, seq2seq.workdir,
+                            int(vqgan.config.model.resolution))
         self.seq2seq, self.vqgan, self.mesh, self.reranker = seq2seq, vqgan, mesh, reranker
         self.batch_size = _positive_int("batch_size", batch_size)
         self.default_settings = (SamplingSettings.from_config(seq2seq.config.sampling)
@@ -121,6 +123,9 @@ class TextToImage:
         config = seq2seq_load.read_config(workdir)
         seq2seq_load.checkpoint_steps(workdir)
         vqgan_dir = _vqgan_workdir(workdir, config, vqgan_workdir)
+        if reranker_workdir is not None:  # from the configs alone, before any checkpoint is restored
+            _check_reranker(captioner_load.read_config(reranker_workdir), reranker_workdir, config, workdir,
+                            int(workdir_lib.load_config(vqgan_dir).model.resolution))
         mesh = mesh if mesh is not None else seq2seq_load.default_mesh()
         seq2seq = seq2seq_load.load_seq2seq(workdir, mesh, step=step)
         vqgan = vqgan_load.load_vqgan(vqgan_dir, mesh)
@@ -303,29 +308,26 @@ def _check_compatible(seq2seq: seq2seq_load.LoadedSeq2Seq, vqgan: vqgan_load.Loa
                       "decodes to garbage.", stacklevel=3)
 
 
-def _check_reranker(reranker: captioner_load.LoadedCaptioner, seq2seq: seq2seq_load.LoadedSeq2Seq,
-                    vqgan: vqgan_load.LoadedVQGAN) -> None:
-    """The caption model must read the prompts' ids as the seq2seq run writes them, and pictures of the VQGAN's
-    size (or, reading codes, as many codes from a codebook as large as the run draws)."""
-    config = reranker.config
-    if config.get("tokenizer_sha256") != seq2seq_load.tokenizer_fingerprint(seq2seq.workdir):
-        raise ValueError(f"The reranker in {reranker.workdir} was trained with the tokenizer of "
-                         f"{config.seq2seq_workdir!r}, not that of {seq2seq.workdir}, so it would read other words "
+def _check_reranker(config, reranker_workdir: str, seq2seq_config, seq2seq_workdir: str, image_size: int) -> None:
+    """The caption model (its `config`) must read the prompts' ids as the seq2seq run writes them, and pictures of
+    the VQGAN's `image_size` (or, reading codes, as many codes from a codebook as large as the run draws)."""
+    if config.get("tokenizer_sha256") != seq2seq_load.tokenizer_fingerprint(seq2seq_workdir):
+        raise ValueError(f"The reranker in {reranker_workdir} was trained with the tokenizer of "
+                         f"{config.seq2seq_workdir!r}, not that of {seq2seq_workdir}, so it would read other words "
                          "into the prompts' ids. Train a reranker for this run (configs/shapes_captioner.py with "
-                         f"--config.seq2seq_workdir={seq2seq.workdir}).")
+                         f"--config.seq2seq_workdir={seq2seq_workdir}).")
     if captioner_lib.reads(config.model) == "code_features":
         theirs = (config.model.image_length, config.model.image_vocab_size)
-        ours = (seq2seq.config.model.image_length, seq2seq.config.model.image_vocab_size)
+        ours = (seq2seq_config.model.image_length, seq2seq_config.model.image_vocab_size)
         if theirs != ours:
-            raise ValueError(f"The reranker in {reranker.workdir} reads {theirs[0]} codes from a codebook of "
-                             f"{theirs[1]}, but {seq2seq.workdir} draws {ours[0]} codes from {ours[1]}. Train a "
+            raise ValueError(f"The reranker in {reranker_workdir} reads {theirs[0]} codes from a codebook of "
+                             f"{theirs[1]}, but {seq2seq_workdir} draws {ours[0]} codes from {ours[1]}. Train a "
                              "reranker for this run.")
-    if config.model.text_length != seq2seq.config.model.text_length or \
-            config.model.image_size != vqgan.config.model.resolution:
-        raise ValueError(f"The reranker in {reranker.workdir} reads {config.model.text_length} text tokens and "
-                         f"{config.model.image_size}-pixel pictures, but {seq2seq.workdir} writes "
-                         f"{seq2seq.config.model.text_length} tokens and its VQGAN decodes "
-                         f"{vqgan.config.model.resolution}-pixel pictures. Train a reranker for this run.")
+    if config.model.text_length != seq2seq_config.model.text_length or config.model.image_size != image_size:
+        raise ValueError(f"The reranker in {reranker_workdir} reads {config.model.text_length} text tokens and "
+                         f"{config.model.image_size}-pixel pictures, but {seq2seq_workdir} writes "
+                         f"{seq2seq_config.model.text_length} tokens and its VQGAN decodes {image_size}-pixel "
+                         "pictures. Train a reranker for this run.")
 
 
 def _warn_if_trained_on_another_vqgan(seq2seq: seq2seq_load.LoadedSeq2Seq, vqgan: vqgan_load.LoadedVQGAN) -> None:

@@ -9,6 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from dalle_jax import pipeline
 from dalle_jax.models import captioner as captioner_lib
 from dalle_jax.pipeline import TextToImage
 from tests.test_pipeline import sampling_workdir  # noqa: F401  (the shared tiny seq2seq work directory)
@@ -104,7 +105,8 @@ def test_the_kept_image_is_the_same_whatever_the_batch(reranked_pipe, reranked):
     np.testing.assert_allclose(again.scores, reranked.scores, atol=1e-4)
 
 
-def test_a_reranker_of_another_run_is_refused(sampling_workdir, captioner_run, tmp_path):  # noqa: F811
+def test_another_runs_reranker_is_refused_before_restoring(sampling_workdir, captioner_run,  # noqa: F811
+                                                           tmp_path, monkeypatch):
     other = str(tmp_path / "other_reranker")
     shutil.copytree(captioner_run[0], other)
     path = os.path.join(other, "config.json")
@@ -113,6 +115,12 @@ def test_a_reranker_of_another_run_is_refused(sampling_workdir, captioner_run, t
     config["tokenizer_sha256"] = "0" * 64
     with open(path, "w") as f:
         json.dump(config, f)
+    def restored(*args, **kwargs):
+        raise AssertionError("a checkpoint was restored before the reranker was checked")
+
+    for module, name in ((pipeline.seq2seq_load, "load_seq2seq"), (pipeline.vqgan_load, "load_vqgan"),
+                         (pipeline.captioner_load, "load_captioner")):
+        monkeypatch.setattr(module, name, restored)
     with pytest.raises(ValueError, match="tokenizer"):
         TextToImage.from_workdir(sampling_workdir["workdir"], reranker_workdir=other)
 

@@ -30,8 +30,8 @@ class LoadedCaptioner:
         return self.setup.model(self.params)
 
 
-def load_captioner(workdir: str, mesh: Mesh, *, step: int | None = None) -> LoadedCaptioner:
-    """Restores the caption model of `workdir` at `step` (default: its newest checkpoint), replicated over `mesh`."""
+def read_config(workdir: str) -> ml_collections.ConfigDict:
+    """The config of the caption model trained in `workdir`; fails, naming the fix, if there is none."""
     if not os.path.isdir(workdir):
         raise FileNotFoundError(f"Reranker work directory {workdir!r} does not exist. Train one with "
                                 f"`{TRAIN_COMMAND.format(workdir=workdir)}`.")
@@ -39,6 +39,12 @@ def load_captioner(workdir: str, mesh: Mesh, *, step: int | None = None) -> Load
     if config.get("trainer") != "captioner":
         raise ValueError(f"{workdir!r} is a work directory of the {config.get('trainer')!r} trainer, not of a caption "
                          "model (config.trainer must be 'captioner'). Pass a run of configs/shapes_captioner.py.")
+    return config
+
+
+def load_captioner(workdir: str, mesh: Mesh, *, step: int | None = None) -> LoadedCaptioner:
+    """Restores the caption model of `workdir` at `step` (default: its newest checkpoint), replicated over `mesh`."""
+    config = read_config(workdir)
     steps = checkpointing.training_steps(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                          checkpointing.checkpoint_steps(workdir))
     if not steps:

@@ -72,10 +72,12 @@ class MetricsWriter:
         self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
 
     def drop_after(self, step: int) -> None:
-        """Forgets lines logged after `step`: a resumed run logs those steps again."""
+        """Forgets lines logged after `step`, and the final `test/` figures of `step`: a resumed run logs those steps
+        again, and a finished run called again evaluates its test split again."""
         if not self.is_main or not os.path.exists(self.jsonl_path):
             return
-        kept = [line for line in read_metrics(self.workdir) if line["step"] <= step]
+        kept = [line for line in read_metrics(self.workdir)
+                if line["step"] < step or (line["step"] == step and not any(k.startswith("test/") for k in line))]
         with open(self.jsonl_path, "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in kept)
 

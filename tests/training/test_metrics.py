@@ -55,3 +55,20 @@ def test_writing_metrics_does_not_import_tensorflow(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_resumed_run_forgets_later_lines_and_the_final_figures_it_writes_again(tmp_path):
+    writer = MetricsWriter(str(tmp_path))
+    writer.write_scalars(5, {"train/loss": 2.0})
+    writer.write_scalars(10, {"train/loss": 1.0})
+    writer.write_scalars(10, {"eval/loss": 1.5})
+    writer.write_scalars(10, {"test/loss": 1.6})
+    writer.write_scalars(12, {"train/loss": 0.5})
+    writer.close()
+
+    resumed = MetricsWriter(str(tmp_path))
+    resumed.drop_after(10)
+    resumed.write_scalars(10, {"test/loss": 1.6})
+    resumed.close()
+    assert read_metrics(str(tmp_path)) == [{"step": 5, "train/loss": 2.0}, {"step": 10, "train/loss": 1.0},
+                                           {"step": 10, "eval/loss": 1.5}, {"step": 10, "test/loss": 1.6}]
