@@ -4,7 +4,7 @@ import os
 
 import ml_collections
 
-from configs import shapes_captioner
+from configs import shapes_captioner, shapes_dalle
 from dalle_jax import demo_reuse
 
 
@@ -14,11 +14,15 @@ def _recipe() -> ml_collections.ConfigDict:
     return config
 
 
-def _write_run(workdir, config, *, finished_at=None, edit=None) -> None:
+# What the caption model's trainer fills in from the seq2seq run it serves.
+CAPTIONER_FILLED = dict(image_size=32, image_length=64, image_vocab_size=1024, text_length=40, vocab_size=55)
+
+
+def _write_run(workdir, config, *, finished_at=None, edit=None, filled=CAPTIONER_FILLED) -> None:
     """A work directory as the trainer leaves it: config.json with the fields it fills in, and test_metrics.json
     once finished."""
     saved = json.loads(config.to_json_best_effort())
-    saved["model"].update(image_size=32, image_length=64, image_vocab_size=1024, text_length=40, vocab_size=55)
+    saved["model"].update(filled)
     saved["tokenizer_sha256"] = "ab" * 32
     if edit:
         edit(saved)
@@ -35,9 +39,17 @@ def _moved_aside(tmp_path, name):
     return sorted(p for p in os.listdir(tmp_path) if p.startswith(f"{name}.replaced-"))
 
 
-def test_filled_in_and_sampling_fields_are_not_compared(tmp_path):
+def test_filled_in_fields_are_not_compared(tmp_path):
     recipe = _recipe()
-    _write_run(tmp_path / "run", recipe, edit=lambda c: c.setdefault("sampling", {}).update(candidates=4))
+    _write_run(tmp_path / "run", recipe)
+    assert demo_reuse.changed_fields(str(tmp_path / "run"), recipe) == {}
+
+
+def test_sampling_settings_are_not_compared(tmp_path):
+    recipe = shapes_dalle.get_config("tiny")
+    recipe.vqgan_workdir = "runs/demo/vqgan"
+    _write_run(tmp_path / "run", recipe, filled={},
+               edit=lambda saved: saved["sampling"].update(candidates=recipe.sampling.candidates + 3, top_k=2))
     assert demo_reuse.changed_fields(str(tmp_path / "run"), recipe) == {}
 
 

@@ -115,6 +115,7 @@ def test_another_runs_reranker_is_refused_before_restoring(sampling_workdir, cap
     config["tokenizer_sha256"] = "0" * 64
     with open(path, "w") as f:
         json.dump(config, f)
+
     def restored(*args, **kwargs):
         raise AssertionError("a checkpoint was restored before the reranker was checked")
 
