@@ -17,8 +17,8 @@ import os
 from absl import app, flags, logging
 from PIL import Image
 
-from dalle_jax.pipeline import DEFAULT_BATCH_SIZE, TextToImage
-from dalle_jax.sampling import SamplingSettings
+from dalle_jax.inference.text_to_image import DEFAULT_BATCH_SIZE, TextToImage
+from dalle_jax.inference.sampling import SamplingSettings
 
 SAMPLES_FILE = "samples.jsonl"
 

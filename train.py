@@ -33,7 +33,7 @@ def main(argv):
         raise app.UsageError(f"config.trainer={config.trainer!r} is not a trainer; use 'vqgan', 'seq2seq' or "
                              "'captioner'.")
     if _AOT_TOPOLOGY.value:
-        from dalle_jax import aot
+        from dalle_jax.pods import aot
         try:
             report = aot.compile_for_topology(config, _AOT_TOPOLOGY.value)
             print(report.text())
@@ -45,16 +45,16 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required to train (only --aot_topology runs without one).")
 
-    from dalle_jax import distributed
+    from dalle_jax.pods import distributed
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if config.trainer == "vqgan":
-        from dalle_jax.trainers import vqgan
+        from dalle_jax.trainers import vqgan_trainer as vqgan
         vqgan.train(config, _WORKDIR.value)
     elif config.trainer == "seq2seq":
-        from dalle_jax.trainers import seq2seq
+        from dalle_jax.trainers import seq2seq_trainer as seq2seq
         seq2seq.train(config, _WORKDIR.value)
     else:
-        from dalle_jax.trainers import captioner
+        from dalle_jax.trainers import captioner_trainer as captioner
         captioner.train(config, _WORKDIR.value)
 
 

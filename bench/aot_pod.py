@@ -3,7 +3,7 @@
 a DALL·E compile takes 2-4 minutes, the VQGAN's 12). `--hlo_dir DIR` also keeps each compiled step's HLO.
 
 For each recipe and topology: per-chip memory against HBM, matmul FLOPs, estimated step time and MFU (see
-dalle_jax/aot.py for how each figure is obtained); the final line is one JSON object with every report.
+dalle_jax/pods/aot.py for how each figure is obtained); the final line is one JSON object with every report.
 """
 import argparse
 import importlib
@@ -13,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dalle_jax import aot  # noqa: E402
+from dalle_jax.pods import aot
 
 RECIPES = (
     ("dalle_mini", "v5e:4x4"),

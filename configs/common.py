@@ -45,7 +45,7 @@ def faults_config() -> ml_collections.ConfigDict:
 
 
 def fsdp_tpu_compiler_options() -> ml_collections.ConfigDict:
-    """libtpu flags for FSDP recipes, each measured with the TPU compiler's own cycle estimates (`dalle_jax.aot`).
+    """libtpu flags for FSDP recipes, each measured with the TPU compiler's own cycle estimates (`dalle_jax.pods.aot`).
 
     No windowed einsums: by default XLA overlaps each sharded weight's all-gather with its matmul by looping over
     the weight's shards and adding each partial product into the whole activation, which it then reads and writes

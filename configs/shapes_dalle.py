@@ -96,7 +96,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.optimizer.learning_rate = 3e-3
         config.sampling.prompts = ("a small red circle in the top left", "a green triangle above a purple circle")
         config.sampling.images_per_prompt = 2
-        config.sampling.candidates = 1  # tests/test_pipeline.py draws several candidates where it tests them
+        config.sampling.candidates = 1  # tests/inference/test_text_to_image.py draws several candidates where it tests them
     elif arg:
         raise ValueError(f"Unknown variant {arg!r} of configs/shapes_dalle.py; use '' or 'tiny'.")
     return config

@@ -104,14 +104,14 @@ UNITS = {
     "faults/test_corrupt_checkpoints.py": "faults_resume",
     # Both use the session's one tiny captioner run.
     "trainers/test_captioner_trainer.py": "captioner_runs",
-    "test_pipeline_reranker.py": "captioner_runs",
+    "inference/test_reranked_sampling.py": "captioner_runs",
 }
 COST = {
     "seq2seq_trainer_meshes": 275, "faults_resume": 230, "vqgan_trainer_meshes": 150, "captioner_runs": 100,
     "nonfinite_stop": 87,
     "trainers/test_vqgan_trainer.py": 85, "trainers/test_seq2seq_trainer.py": 80,
-    "faults/test_reshard_and_configs.py": 70, "test_sharded_gradients.py": 65, "faults/test_bad_training_data.py": 53, "interop/test_finetune_imported.py": 44, "test_aot.py": 36,
-    "eval/test_evaluate_samples.py": 33, "test_sharding_strategies.py": 31, "trainers/test_encode_stage.py": 29,
+    "faults/test_reshard_and_configs.py": 70, "test_sharded_gradients.py": 65, "faults/test_bad_training_data.py": 53, "interop/test_finetune_imported.py": 44, "pods/test_aot.py": 36,
+    "shapes/test_evaluate_samples.py": 33, "test_sharding_strategies.py": 31, "trainers/test_encode_stage.py": 29,
     "trainers/test_seq2seq_step.py": 26, "test_sample_cli.py": 25, "nonfinite_pixels": 24,
     "models/test_dalle_bart.py": 22, "interop/test_cli.py": 21,
 }

@@ -10,10 +10,10 @@ from absl import app, flags
 from PIL import Image
 
 import sample
-from dalle_jax import pipeline, sampling
-from dalle_jax.pipeline import TextToImage
+from dalle_jax.inference import text_to_image as pipeline, sampling
+from dalle_jax.inference.text_to_image import TextToImage
 from tests.conftest import REPO, subprocess_env
-from tests.test_pipeline import sampling_workdir  # noqa: F401  (the shared tiny work directory)
+from tests.inference.test_text_to_image import sampling_workdir
 
 PROMPTS = ["a small red circle in the top left", "a green triangle above a purple circle", ""]
 SETTINGS = ["--temperature=1.2", "--top_k=16", "--top_p=0.95", "--cond_scale=3"]

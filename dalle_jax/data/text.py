@@ -18,6 +18,13 @@ BOS_ID, PAD_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 SPECIAL_PIECES = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
 MIN_MAX_LENGTH = 3  # `<s>`, one token, `</s>`
 
+
+def empty_caption_ids(length: int) -> np.ndarray:
+    """The empty caption `<s></s>`, `<pad>`-padded to `length`: what guidance and blanked training captions use."""
+    ids = np.full((length,), PAD_ID, np.int32)
+    ids[:2] = (BOS_ID, EOS_ID)
+    return ids
+
 _WHITESPACE = re.compile(r"\s+")
 
 

@@ -15,20 +15,19 @@ import ml_collections
 import numpy as np
 
 from configs import seq2seq_common, vqgan_common
-from dalle_jax.training import checkpointing, workdir as workdir_lib
+from dalle_jax.training import checkpointing
+from dalle_jax import runs
 
 IMPORTED_STEP = 0
 
 
 def read_workdir(workdir: str, *, step: int | None = None) -> tuple[str, ml_collections.ConfigDict, dict]:
     """(trainer kind "seq2seq" | "vqgan", the run's config, its parameters as a pure dict of numpy arrays)."""
-    kind = workdir_lib.load_config(workdir).get("trainer")
+    kind = runs.load_config(workdir).get("trainer")
     if kind == "seq2seq":
-        from dalle_jax import seq2seq_load
-        loaded = seq2seq_load.load_seq2seq(workdir, step=step)
+        loaded = runs.load_seq2seq(workdir, step=step)
     elif kind == "vqgan":
-        from dalle_jax.trainers import vqgan_load
-        loaded = vqgan_load.load_vqgan(workdir, step=step)
+        loaded = runs.load_vqgan(workdir, step=step)
     else:
         raise ValueError(f"{workdir!r} has config.trainer={kind!r}; export reads 'seq2seq' or 'vqgan' work directories.")
     return kind, loaded.config, jax.tree.map(lambda x: np.asarray(jax.device_get(x)), loaded.params)
@@ -55,7 +54,7 @@ def write_seq2seq(workdir: str, model_fields: dict, params, *, vqgan_workdir: st
     os.makedirs(workdir, exist_ok=True)
     for path in tokenizer_files:
         shutil.copyfile(path, os.path.join(workdir, os.path.basename(path)))
-    workdir_lib.save_config(config, workdir)
+    runs.save_config(config, workdir)
     checkpointing.save_params(workdir, IMPORTED_STEP, _cast(params, config.model.param_dtype))
     return config
 
@@ -69,6 +68,6 @@ def write_vqgan(workdir: str, model_cfg: ml_collections.ConfigDict, params, *, i
     config.model.update(model_cfg.to_dict())
     config.imported_from = imported_from
     config.decode_only = bool(decode_only)
-    workdir_lib.save_config(config, workdir)
+    runs.save_config(config, workdir)
     checkpointing.save_params(workdir, IMPORTED_STEP, _cast(params, "float32"))
     return config

@@ -16,8 +16,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dalle_jax.data import shapes_scene, text as text_lib, token_records
-from dalle_jax.eval import caption_probe, judge as judge_lib
-from dalle_jax.trainers import vqgan_load
+from dalle_jax.shapes import caption_probe, judge as judge_lib
+from dalle_jax import runs
 
 TWIN_CAPTIONS = 1 + len(caption_probe.TWINS)  # the canonical caption, then each twin
 
@@ -42,7 +42,7 @@ class CaptionedPictures:
 
 def decode_fn(vqgan):
     """A compiled (N, grid*grid) codes -> uint8 (N, H, W, 3) through `vqgan`'s decoder."""
-    compiled = jax.jit(functools.partial(vqgan_load.decode_uint8, vqgan))
+    compiled = jax.jit(functools.partial(runs.decode_uint8, vqgan))
     return lambda codes: np.asarray(jax.device_get(compiled(vqgan.params, np.asarray(codes, np.int32))))
 
 

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from dalle_jax import parallel
 from dalle_jax.data import pipeline, sources, token_records
-from dalle_jax.eval import judge
-from dalle_jax.trainers.vqgan_load import LoadedVQGAN
+from dalle_jax.shapes import judge
+from dalle_jax.runs import LoadedVQGAN
 from dalle_jax.training import gan_losses
 
 DEFAULT_EXAMPLES_PER_SHARD = 8192

@@ -9,7 +9,9 @@ import jax
 import numpy as np
 from flax import nnx
 
-from dalle_jax import images, parallel, sampling
+from dalle_jax.data import image_grid as images
+from dalle_jax import parallel
+from dalle_jax.inference import sampling
 from dalle_jax.training import gan_losses
 
 

@@ -14,7 +14,7 @@ from typing import Iterable
 import jax
 
 from dalle_jax.data import text as text_lib
-from dalle_jax.interop import min_dalle_tokenizer
+from dalle_jax.data import min_dalle_tokenizer
 
 TOKENIZER_FILE = "tokenizer.model"
 
@@ -28,7 +28,7 @@ def prepare_tokenizer(config, workdir: str, train_captions: Iterable[str]):
     """The work directory's tokenizer (either kind), creating `workdir/tokenizer.model` first when there is none,
     from `config.text.tokenizer_model` or by training a sentencepiece model of `config.text.vocab_size` pieces on
     `train_captions` (read only when training)."""
-    from dalle_jax import seq2seq_load  # imported here, as seq2seq_load imports this module
+    from dalle_jax import runs
 
     path = os.path.join(workdir, TOKENIZER_FILE)
     user_model = config.text.tokenizer_model
@@ -59,7 +59,7 @@ def prepare_tokenizer(config, workdir: str, train_captions: Iterable[str]):
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("text tokenizer ready")
-    tokenizer = seq2seq_load.load_tokenizer(workdir)
+    tokenizer = runs.load_tokenizer(workdir)
     if tokenizer.vocab_size > config.model.text_vocab_size:
         raise ValueError(f"The tokenizer in {workdir} has {tokenizer.vocab_size} pieces, more than "
                          f"config.model.text_vocab_size={config.model.text_vocab_size}; raise "

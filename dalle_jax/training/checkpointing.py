@@ -141,7 +141,7 @@ def restore_or_keep(checkpointer: Checkpointer, state, shardings, data_iterator,
     A checkpoint that cannot be read raises `CorruptCheckpoint` naming its step and file; with `fall_back` it is
     set aside (logged) and the next older one is tried; if none restores, the error says so."""
     abstract, set_aside = abstract_like(state, shardings), []
-    # Imported weights (params-only) are a starting point, not a run to resume: dalle_jax.training.init_from.
+    # Imported weights (params-only) are a starting point, not a run to resume: dalle_jax.trainers.init_from.
     for step in reversed(training_steps(checkpointer.directory, checkpointer.all_steps())):
         logging.info("Resuming from step %d in %s", step, checkpointer.directory)
         try:

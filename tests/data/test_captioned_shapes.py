@@ -13,7 +13,7 @@ from dalle_jax.data.captioned_shapes import (
     CaptionedShapesConfig,
     make_example,
 )
-from dalle_jax.eval import judge
+from dalle_jax.shapes import judge
 
 TINY_SIZES = {"train": 64, "validation": 16, "test": 16, "test_compositional": 16}
 

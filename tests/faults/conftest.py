@@ -59,7 +59,7 @@ def wait_for_pause(process, workdir, timeout=300):
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory, shapes_data_dir, compilation_cache):
     """(workdir, final test figures) of the uninterrupted run, trained in this process."""
-    from dalle_jax.trainers import vqgan
+    from dalle_jax.trainers import vqgan_trainer as vqgan
     workdir = str(tmp_path_factory.mktemp("reference"))
     final = vqgan.train(fault_config(shapes_data_dir), workdir)
     return workdir, final

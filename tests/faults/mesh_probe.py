@@ -21,7 +21,7 @@ import numpy as np
 
 from dalle_jax import parallel
 from dalle_jax.data import pipeline, sources
-from dalle_jax.trainers import vqgan, vqgan_step
+from dalle_jax.trainers import vqgan_trainer as vqgan, vqgan_step
 from dalle_jax.training import checkpointing
 from tests.faults.conftest import fault_config
 
@@ -79,7 +79,7 @@ BAD_CONFIGS = {  # name: (trainer, overrides)
 def bad_config_errors(data_dir: str, vqgan_workdir: str, scratch: str) -> dict:
     """Each bad config's error message, and the programs lowered or compiled before it was raised."""
     from configs import shapes_dalle
-    from dalle_jax.trainers import seq2seq
+    from dalle_jax.trainers import seq2seq_trainer as seq2seq
     events = []
     lowering_or_compiling = ("/jax/core/compile/jaxpr_to_mlir_module_duration",
                              "/jax/core/compile/backend_compile_duration")  # tracing (eval_shape) is not counted

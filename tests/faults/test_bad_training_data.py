@@ -7,7 +7,7 @@ import os
 from PIL import Image
 
 from dalle_jax.data import captioned_folder as cf
-from dalle_jax.trainers import vqgan
+from dalle_jax.trainers import vqgan_trainer as vqgan
 from dalle_jax.training.metrics import read_metrics
 from tests.data.test_captioned_folder import EXPECTED_COUNTS, KEPT_FILES, _write_messy_folder
 from tests.faults.conftest import fault_config

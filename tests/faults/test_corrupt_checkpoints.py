@@ -7,7 +7,8 @@ import shutil
 
 import pytest
 
-from dalle_jax.trainers import vqgan, vqgan_load
+from dalle_jax.trainers import vqgan_trainer as vqgan
+from dalle_jax import runs
 from dalle_jax.training import checkpointing
 from tests.faults.conftest import fault_config, train_losses
 
@@ -44,7 +45,7 @@ def test_a_corrupt_checkpoint_is_named_and_the_fix_given(damaged_copy, shapes_da
 
     with pytest.raises(checkpointing.CorruptCheckpoint, match=r"step 12 .* Load an older checkpoint instead "
                                                               r"\(steps \[4, 8\]; sample.py: --step\)"):
-        vqgan_load.load_vqgan(damaged_copy)
+        runs.load_vqgan(damaged_copy)
 
 
 def test_fallback_resumes_from_the_newest_intact_checkpoint(damaged_copy, reference_run, shapes_data_dir, caplog):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from dalle_jax import parallel
-from dalle_jax.trainers import vqgan, vqgan_load, vqgan_step
+from dalle_jax.trainers import vqgan_trainer as vqgan, vqgan_step
+from dalle_jax import runs
 from dalle_jax.training import checkpointing, loop
 from dalle_jax.training.metrics import read_metrics
 from tests.faults.conftest import fault_config, train_losses
@@ -49,7 +50,7 @@ def test_too_many_skips_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
                                                                                 compilation_cache):
     workdir = str(tmp_path / "run")
     assert vqgan.train(fault_config(shapes_data_dir), workdir, stop_after=4) is None
-    good = vqgan_load.load_vqgan(workdir, step=4).params
+    good = runs.load_vqgan(workdir, step=4).params
     # The resumed run's learning rate is infinite: every update from step 5 on is non-finite.
     poisoned = fault_config(shapes_data_dir, **{"optimizer.learning_rate": float("inf"),
                                                 "faults.max_consecutive_nonfinite": 3})
@@ -57,7 +58,7 @@ def test_too_many_skips_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
                                                      r"or update .*max_consecutive_nonfinite=3.*step 4"):
         vqgan.train(poisoned, workdir)
     assert checkpointing.checkpoint_steps(workdir)[-1] == 4
-    _assert_trees_equal(vqgan_load.load_vqgan(workdir).params, good)
+    _assert_trees_equal(runs.load_vqgan(workdir).params, good)
     lines = {m["step"]: m for m in read_metrics(workdir) if "train/nonfinite_steps" in m}
     assert [lines[s]["train/nonfinite_steps"] for s in (4, 5, 6, 7)] == [0.0, 1.0, 1.0, 1.0]
     assert max(train_losses(workdir)) == 7

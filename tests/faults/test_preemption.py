@@ -4,7 +4,7 @@ losses equal those of the uninterrupted run exactly."""
 import os
 import signal
 
-from dalle_jax.trainers import vqgan
+from dalle_jax.trainers import vqgan_trainer as vqgan
 from dalle_jax.training import checkpointing, metrics
 from tests.faults.conftest import (fault_config, start_faulty_training, train_losses, wait_for_pause)
 

@@ -1,11 +1,11 @@
 """Sampler inputs at the edges: the empty prompt, non-ASCII and very long prompts, and work directories of the
-wrong kind. (Missing work directories and runs without a checkpoint: tests/test_pipeline.py, tests/test_sample_cli.py.)"""
+wrong kind. (Missing work directories and runs without a checkpoint: tests/inference/test_text_to_image.py, tests/test_sample_cli.py.)"""
 import numpy as np
 import pytest
 
 from dalle_jax.data import text as text_lib
-from dalle_jax.pipeline import TextToImage
-from tests.test_pipeline import sampling_workdir  # noqa: F401  (built once per session)
+from dalle_jax.inference.text_to_image import TextToImage
+from tests.inference.test_text_to_image import sampling_workdir
 
 SETTINGS = dict(temperature=1.0, top_k=16, cond_scale=3.0)
 
@@ -19,7 +19,7 @@ def test_empty_prompt_samples_unconditionally(pipe):
     samples = pipe(["", "   "], num_images=2, seed=0, **SETTINGS)
     assert samples.images.shape[:2] == (2, 2) and samples.images.dtype == np.uint8
     for row in samples.text_ids:  # whitespace normalises to the empty caption guidance uses
-        np.testing.assert_array_equal(row, pipe.seq2seq.setup.empty_text_ids)
+        np.testing.assert_array_equal(row, pipe.seq2seq.empty_text_ids)
 
 
 @pytest.mark.parametrize("prompt", ["un cercle rouge à gauche", "赤い円 🔴", "ＡＢＣ\u200b\u0301", "\x00\x07"])

@@ -9,10 +9,12 @@ from min_dalle.models import DalleBartDecoder, DalleBartEncoder
 from min_dalle.text_tokenizer import TextTokenizer
 from safetensors.numpy import load_file
 
-from dalle_jax import export as export_cli, import_weights, seq2seq_load
+from dalle_jax.interop import export as export_cli, import_weights
+from dalle_jax import runs
 from dalle_jax.data import text as text_lib
-from dalle_jax.interop import min_dalle_format, min_dalle_tokenizer, names, workdirs
-from dalle_jax.trainers import encode_stage, vqgan_load
+from dalle_jax.interop import min_dalle_format, names, workdirs
+from dalle_jax.data import min_dalle_tokenizer
+from dalle_jax.trainers import encode_stage
 from tests.interop.helpers import DalleBart, VQGAN, assert_trees_equal, dalle_config, perturb_norms, \
     random_params, tiny_vqgan_config
 from tests.interop.test_min_dalle_tokenizer import CORPUS, learn_bpe
@@ -114,7 +116,7 @@ def test_min_dalle_import_samples_with_min_dalle_ids(runs, tmp_path):
     import_weights.main(["--format", "min-dalle", "--src", str(src), "--workdir", str(tmp_path / "mini"),
                          "--heads", "4", "--vqgan_workdir", str(tmp_path / "vqgan")])
 
-    loaded = seq2seq_load.load_seq2seq(str(tmp_path / "mini"))
+    loaded = runs.load_seq2seq(str(tmp_path / "mini"))
     assert isinstance(loaded.tokenizer, min_dalle_tokenizer.MinDalleTokenizer)
     enc, dec = min_dalle_format.export_state_dicts(jax_to_numpy(loaded.params), loaded.config.model)
     for state, module in ((enc, encoder), (dec, decoder)):
@@ -122,8 +124,8 @@ def test_min_dalle_import_samples_with_min_dalle_ids(runs, tmp_path):
             np.testing.assert_array_equal(state[k], v.numpy(), err_msg=k)
 
     # The sampling API tokenizes with min-dalle's ids (sampling itself does not depend on the tokenizer).
-    from dalle_jax.pipeline import TextToImage
-    pipe = TextToImage(loaded, vqgan_load.load_vqgan(str(tmp_path / "vqgan")), seq2seq_load.default_mesh())
+    from dalle_jax.inference.text_to_image import TextToImage
+    pipe = TextToImage(loaded, runs.load_vqgan(str(tmp_path / "vqgan")), runs.default_mesh())
     prompt = "Cube, 🐶!"
     text_ids, truncated = pipe.encode_prompts([prompt])
     expected = TextTokenizer(vocab, (src / "merges.txt").read_text().split("\n")[1:-1]).tokenize(prompt)
@@ -131,7 +133,7 @@ def test_min_dalle_import_samples_with_min_dalle_ids(runs, tmp_path):
     short = TextTokenizer(vocab, (src / "merges.txt").read_text().split("\n")[1:-1]).tokenize("cube")
     assert pipe.encode_prompts(["cube"])[0][0].tolist() == short + [1] * (16 - len(short))
 
-    vqgan = vqgan_load.load_vqgan(str(tmp_path / "vqgan"))
+    vqgan = runs.load_vqgan(str(tmp_path / "vqgan"))
     with pytest.raises(ValueError, match="not encode images"):
         encode_stage.encode_dataset(loaded.config.data, vqgan, str(tmp_path / "encoded"), pipe.mesh, batch_size=1)
 

@@ -11,11 +11,14 @@ import pytest
 from flax import nnx
 
 from configs import shapes_dalle, shapes_vqgan
-from dalle_jax import import_weights
-from dalle_jax.interop import min_dalle_tokenizer, safetensors_format
+from dalle_jax.interop import import_weights
+from dalle_jax.data import min_dalle_tokenizer
+from dalle_jax.interop import safetensors_format
 from dalle_jax.models.dalle_bart import DalleBart
-from dalle_jax.trainers import seq2seq
-from dalle_jax.training import checkpointing, init_from, workdir as workdir_lib
+from dalle_jax.trainers import seq2seq_trainer as seq2seq
+from dalle_jax.training import checkpointing
+from dalle_jax.trainers import init_from
+from dalle_jax import runs
 from tests.trainers.test_seq2seq_trainer import tiny_config, train_losses, vqgan_workdir  # noqa: F401 (fixture)
 
 WORDS = ("a", "small", "large", "red", "green", "blue", "yellow", "purple", "orange", "circle", "square",
@@ -142,7 +145,7 @@ def test_a_config_of_another_architecture_fails_before_compiling(tmp_path, shape
     assert "config.model.heads=4 but the weights in" in message and "have 2: pass --config.model.heads=2" in message
     assert "config.model.ffn_dim=96" in message and "--config.model.ffn_dim=64" in message
     # Nothing was written: the imported record and its only checkpoint are untouched.
-    assert workdir_lib.load_config(workdir).get("imported_from", "").startswith("safetensors")
+    assert runs.load_config(workdir).get("imported_from", "").startswith("safetensors")
     assert checkpointing.checkpoint_steps(workdir) == [0]
     # The same check guards config.init_from, which cannot be combined with weights imported into the workdir.
     config.init_from = str(tmp_path / "elsewhere")

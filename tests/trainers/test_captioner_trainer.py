@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 
 from configs import shapes_captioner
-from dalle_jax import parallel, seq2seq_load
+from dalle_jax import parallel
+from dalle_jax import runs
 from dalle_jax.data import shapes_scene, text as text_lib, token_records
-from dalle_jax.models import code_features
-from dalle_jax.trainers import (captioner, captioner_data, captioner_load, captioner_step, code_features_stage,
-                                vqgan_load)
-from dalle_jax.training import checkpointing, workdir as workdir_lib
+from dalle_jax.shapes import code_features
+from dalle_jax.trainers import captioner_trainer as captioner, captioner_data, captioner_step
+from dalle_jax.shapes import code_features_stage
+from dalle_jax.training import checkpointing
 from dalle_jax.training.metrics import read_metrics
 from tests.conftest import TINY_SPLITS, once_per_session
-from tests.test_pipeline import sampling_workdir  # noqa: F401  (the shared tiny seq2seq work directory)
+from tests.inference.test_text_to_image import sampling_workdir
 
 
 def tiny_config(seq2seq_workdir: str):
@@ -28,7 +29,7 @@ def tiny_config(seq2seq_workdir: str):
 @pytest.fixture(scope="module")
 def captioner_run(tmp_path_factory, sampling_workdir):  # noqa: F811
     """(work directory, test figures) of the tiny captioner trained for the shared seq2seq run, once per session
-    (tests/test_pipeline_reranker.py reranks with it)."""
+    (tests/inference/test_reranked_sampling.py reranks with it)."""
     config = tiny_config(sampling_workdir["workdir"])
     return once_per_session(tmp_path_factory, "captioner", lambda workdir: captioner.train(config, workdir))
 
@@ -47,23 +48,23 @@ def mesh():
 
 
 def params_of(workdir, mesh):
-    return jax.device_get(captioner_load.load_captioner(workdir, mesh).params)
+    return jax.device_get(runs.load_reranker(workdir, mesh).params)
 
 
 def test_the_run_records_the_seq2seq_run_it_serves(captioner_run, sampling_workdir):  # noqa: F811
     workdir, final = captioner_run
     seq2seq_dir = sampling_workdir["workdir"]
-    config = workdir_lib.load_config(workdir)
+    config = runs.load_config(workdir)
     assert config.trainer == "captioner"
-    assert config.model.text_length == seq2seq_load.read_config(seq2seq_dir).model.text_length == 40
-    assert config.model.vocab_size == seq2seq_load.load_tokenizer(seq2seq_dir).vocab_size
+    assert config.model.text_length == runs.read_config(seq2seq_dir, "seq2seq").model.text_length == 40
+    assert config.model.vocab_size == runs.load_tokenizer(seq2seq_dir).vocab_size
     assert config.model.image_size == 32
-    seq2seq_config = seq2seq_load.read_config(seq2seq_dir)
+    seq2seq_config = runs.read_config(seq2seq_dir, "seq2seq")
     assert config.model.reads == "code_features"
     assert (config.model.image_length, config.model.image_vocab_size) == (
         seq2seq_config.model.image_length, seq2seq_config.model.image_vocab_size)
     assert config.model.code_features == code_features.palette_width(len(shapes_scene.COLORS))
-    assert config.tokenizer_sha256 == seq2seq_load.tokenizer_fingerprint(seq2seq_dir)
+    assert config.tokenizer_sha256 == runs.tokenizer_fingerprint(seq2seq_dir)
     assert len(config.tokenizer_sha256) == 64
     with open(os.path.join(workdir, "test_metrics.json")) as f:
         written = json.load(f)
@@ -81,7 +82,7 @@ def test_the_code_features_are_measured_on_the_run_images_and_stay_fixed(caption
                                                                         mesh):
     seq2seq_dir = sampling_workdir["workdir"]
     records = token_records.open_split(os.path.join(seq2seq_dir, token_records.ENCODED_DIR), "train")
-    measured = code_features_stage.measure(seq2seq_load.read_config(seq2seq_dir), records)
+    measured = code_features_stage.measure(runs.read_config(seq2seq_dir, "seq2seq"), records)
     trained = params_of(captioner_run[0], mesh)["code_features"]
     np.testing.assert_array_equal(trained, measured)
     assert np.abs(measured).sum() > 0
@@ -89,10 +90,10 @@ def test_the_code_features_are_measured_on_the_run_images_and_stay_fixed(caption
 
 def test_a_code_reader_for_another_dataset_is_refused(sampling_workdir, mesh):  # noqa: F811
     seq2seq_dir = sampling_workdir["workdir"]
-    seq2seq_config = seq2seq_load.read_config(seq2seq_dir)
+    seq2seq_config = runs.read_config(seq2seq_dir, "seq2seq")
     seq2seq_config.data.dataset = "captioned_folder"
-    tokenizer = seq2seq_load.load_tokenizer(seq2seq_dir)
-    vqgan = vqgan_load.load_vqgan(sampling_workdir["vqgan_workdir"], mesh)
+    tokenizer = runs.load_tokenizer(seq2seq_dir)
+    vqgan = runs.load_vqgan(sampling_workdir["vqgan_workdir"], mesh)
     with pytest.raises(ValueError, match="reads='code_features' describes codes by the captioned_shapes palette"):
         captioner.with_seq2seq_shapes(tiny_config(seq2seq_dir), seq2seq_config, tokenizer, vqgan)
     pixels = tiny_config(seq2seq_dir)
@@ -151,7 +152,7 @@ def test_train_batches_follow_from_seed_and_step_alone():
 def test_load_split_without_a_decoder_keeps_the_codes(sampling_workdir):  # noqa: F811
     seq2seq_dir = sampling_workdir["workdir"]
     encoded = os.path.join(seq2seq_dir, token_records.ENCODED_DIR)
-    data = captioner_data.load_split(encoded, "validation", None, seq2seq_load.load_tokenizer(seq2seq_dir), 40,
+    data = captioner_data.load_split(encoded, "validation", None, runs.load_tokenizer(seq2seq_dir), 40,
                                      max_examples=5, progress=False)
     records = token_records.open_split(encoded, "validation")
     np.testing.assert_array_equal(data.images, np.stack([records[i]["codes"] for i in range(5)]))
@@ -161,8 +162,8 @@ def test_load_split_without_a_decoder_keeps_the_codes(sampling_workdir):  # noqa
 def test_load_split_decodes_the_run_records_and_tokenizes_their_captions(sampling_workdir, mesh):  # noqa: F811
     seq2seq_dir = sampling_workdir["workdir"]
     encoded = os.path.join(seq2seq_dir, token_records.ENCODED_DIR)
-    tokenizer = seq2seq_load.load_tokenizer(seq2seq_dir)
-    vqgan = vqgan_load.load_vqgan(sampling_workdir["vqgan_workdir"], mesh)
+    tokenizer = runs.load_tokenizer(seq2seq_dir)
+    vqgan = runs.load_vqgan(sampling_workdir["vqgan_workdir"], mesh)
     decode = captioner_data.decode_fn(vqgan)
     data = captioner_data.load_split(encoded, "validation", decode, tokenizer, 40, max_examples=6, batch_size=3,
                                      progress=False)
@@ -185,7 +186,7 @@ def test_load_split_decodes_the_run_records_and_tokenizes_their_captions(samplin
 
 
 def test_caption_loss_is_the_mean_negative_log_likelihood_per_token(captioner_run, mesh):
-    loaded = captioner_load.load_captioner(captioner_run[0], mesh)
+    loaded = runs.load_reranker(captioner_run[0], mesh)
     model = loaded.model()
     # It reads codes, as the sampler draws them.
     images = np.random.default_rng(0).integers(0, loaded.config.model.image_vocab_size,
@@ -225,16 +226,16 @@ def test_bad_configs_fail_before_any_work(sampling_workdir, tmp_path, field, val
 def test_load_captioner_refuses_what_is_not_a_trained_captioner(captioner_run, sampling_workdir, tmp_path,  # noqa: F811
                                                                 mesh):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        captioner_load.load_captioner(str(tmp_path / "missing"), mesh)
+        runs.load_reranker(str(tmp_path / "missing"), mesh)
     with pytest.raises(ValueError, match="'vqgan' trainer"):
-        captioner_load.load_captioner(sampling_workdir["vqgan_workdir"], mesh)
+        runs.load_reranker(sampling_workdir["vqgan_workdir"], mesh)
     with pytest.raises(ValueError, match="'seq2seq' trainer"):
-        captioner_load.load_captioner(sampling_workdir["workdir"], mesh)
+        runs.load_reranker(sampling_workdir["workdir"], mesh)
     fresh = str(tmp_path / "fresh")
-    workdir_lib.save_config(workdir_lib.load_config(captioner_run[0]), fresh)
+    runs.save_config(runs.load_config(captioner_run[0]), fresh)
     with pytest.raises(FileNotFoundError, match="no checkpoint yet"):
-        captioner_load.load_captioner(fresh, mesh)
-    loaded = captioner_load.load_captioner(captioner_run[0], mesh, step=3)
+        runs.load_reranker(fresh, mesh)
+    loaded = runs.load_reranker(captioner_run[0], mesh, step=3)
     assert loaded.step == 3 and loaded.workdir == os.path.abspath(captioner_run[0])
     with pytest.raises(ValueError, match="no checkpoint of step 4"):
-        captioner_load.load_captioner(captioner_run[0], mesh, step=4)
+        runs.load_reranker(captioner_run[0], mesh, step=4)

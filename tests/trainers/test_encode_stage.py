@@ -12,9 +12,10 @@ import pytest
 from configs import shapes_vqgan
 from dalle_jax import parallel
 from dalle_jax.data import pipeline, sources, token_records
-from dalle_jax.eval import judge
-from dalle_jax.trainers import encode_stage, vqgan_load, vqgan_step
-from dalle_jax.training import checkpointing, gan_losses, workdir as workdir_lib
+from dalle_jax.shapes import judge
+from dalle_jax.trainers import encode_stage, vqgan_step
+from dalle_jax import runs
+from dalle_jax.training import checkpointing, gan_losses
 from tests.conftest import REPO, TINY_SPLITS, subprocess_env
 
 # 20 examples per shard with batches of 8: shards end in partial (padded) batches, and train has 4 shards.
@@ -68,7 +69,7 @@ def vqgan_workdir(tmp_path_factory, shapes_data_dir, compilation_cache):
     """A VQGAN work directory with checkpoints at steps 3 and 7 holding different parameters."""
     config = tiny_config(shapes_data_dir)
     workdir = str(tmp_path_factory.mktemp("vqgan_workdir"))
-    workdir_lib.save_config(config, workdir)
+    runs.save_config(config, workdir)
     mesh = parallel.make_mesh(config.mesh)
     states = {3: filled_state(config, mesh, seed=0), 7: filled_state(config, mesh, seed=1)}
     for step, state in states.items():
@@ -78,12 +79,12 @@ def vqgan_workdir(tmp_path_factory, shapes_data_dir, compilation_cache):
 
 @pytest.fixture(scope="module")
 def mesh():
-    return vqgan_load.default_mesh()
+    return runs.default_mesh()
 
 
 @pytest.fixture(scope="module")
 def vqgan(vqgan_workdir, mesh):
-    return vqgan_load.load_vqgan(vqgan_workdir[0], mesh)
+    return runs.load_vqgan(vqgan_workdir[0], mesh)
 
 
 @pytest.fixture(scope="module")
@@ -133,36 +134,36 @@ def test_loader_restores_the_newest_params_replicated(vqgan_workdir, vqgan, mesh
 
 def test_fingerprint_follows_the_checkpoint(vqgan_workdir, vqgan, mesh):
     workdir, _, saved = vqgan_workdir
-    again = vqgan_load.load_vqgan(workdir, mesh)
+    again = runs.load_vqgan(workdir, mesh)
     assert again.fingerprint == vqgan.fingerprint and len(vqgan.fingerprint) == 64
-    older = vqgan_load.load_vqgan(workdir, mesh, step=3)
+    older = runs.load_vqgan(workdir, mesh, step=3)
     assert older.step == 3 and older.fingerprint != vqgan.fingerprint
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(older.params), saved[3])
     # The step alone, or one changed parameter alone, changes it too.
     model_cfg = vqgan.config.model
-    assert vqgan_load.fingerprint(model_cfg, 8, saved[7]) != vqgan.fingerprint
+    assert runs.vqgan_fingerprint(model_cfg, 8, saved[7]) != vqgan.fingerprint
     nudged = jax.tree.map(np.copy, saved[7])
     nudged["quantize"]["embedding"][0, 0] += 1.0
-    assert vqgan_load.fingerprint(model_cfg, 7, nudged) != vqgan.fingerprint
-    assert vqgan_load.fingerprint(model_cfg, 7, saved[7]) == vqgan.fingerprint
+    assert runs.vqgan_fingerprint(model_cfg, 7, nudged) != vqgan.fingerprint
+    assert runs.vqgan_fingerprint(model_cfg, 7, saved[7]) == vqgan.fingerprint
 
 
 def test_loader_errors_name_the_problem_and_the_fix(tmp_path, vqgan_workdir):
     with pytest.raises(FileNotFoundError, match="does not exist. Train one with `python train.py"):
-        vqgan_load.load_vqgan(str(tmp_path / "missing"))
+        runs.load_vqgan(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="not a dalle_jax work directory"):
-        vqgan_load.load_vqgan(str(tmp_path))
+        runs.load_vqgan(str(tmp_path))
     config = vqgan_workdir[1].copy_and_resolve_references()
-    workdir_lib.save_config(config, str(tmp_path))
+    runs.save_config(config, str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*checkpoints yet.*python train.py --config "
                                                 r"configs/shapes_vqgan.py --workdir"):
-        vqgan_load.load_vqgan(str(tmp_path))
+        runs.load_vqgan(str(tmp_path))
     config.trainer = "seq2seq"
-    workdir_lib.save_config(config, str(tmp_path))
+    runs.save_config(config, str(tmp_path))
     with pytest.raises(ValueError, match="of the 'seq2seq' trainer, not of a VQGAN"):
-        vqgan_load.load_vqgan(str(tmp_path))
+        runs.load_vqgan(str(tmp_path))
     with pytest.raises(ValueError, match=r"no checkpoint of step 5; it has steps \[3, 7\]"):
-        vqgan_load.load_vqgan(vqgan_workdir[0], step=5)
+        runs.load_vqgan(vqgan_workdir[0], step=5)
 
 
 # --- encode stage --------------------------------------------------------------------------------------------
@@ -216,13 +217,13 @@ def test_a_lost_shard_is_encoded_again(tmp_path, reference, vqgan_workdir, vqgan
 def test_another_checkpoint_rebuilds_everything(tmp_path, reference, vqgan_workdir, mesh):
     directory = str(tmp_path / "encoded")
     config = vqgan_workdir[1]
-    older = vqgan_load.load_vqgan(vqgan_workdir[0], mesh, step=3)
+    older = runs.load_vqgan(vqgan_workdir[0], mesh, step=3)
     encode_stage.encode_dataset(config.data, older, directory, mesh, batch_size=BATCH, splits=["train", "test"],
                                 examples_per_shard=PER_SHARD)
     # A file that is not part of the format survives the rebuild.
     with open(os.path.join(directory, "notes.txt"), "w") as f:
         f.write("mine")
-    newer = vqgan_load.load_vqgan(vqgan_workdir[0], mesh)
+    newer = runs.load_vqgan(vqgan_workdir[0], mesh)
     summary = encode_stage.encode_dataset(config.data, newer, directory, mesh, batch_size=BATCH,
                                           examples_per_shard=64)
     assert summary["status"] == "built" and summary["encoded_examples"] == sum(TINY_SPLITS.values())
@@ -279,13 +280,13 @@ SHARDED_ENCODE = """
 import sys
 import ml_collections
 from dalle_jax import parallel
-from dalle_jax.trainers import encode_stage, vqgan_load
-from dalle_jax.training import workdir
+from dalle_jax import runs
+from dalle_jax.trainers import encode_stage
 workdir_path, data_dir, out = sys.argv[1:]
-config = workdir.load_config(workdir_path)
+config = runs.load_config(workdir_path)
 config.data.data_dir = data_dir
 mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=2, tensor=2)))
-vqgan = vqgan_load.load_vqgan(workdir_path, mesh)
+vqgan = runs.load_vqgan(workdir_path, mesh)
 encode_stage.encode_dataset(config.data, vqgan, out, mesh, batch_size=8, examples_per_shard=20)
 """
 

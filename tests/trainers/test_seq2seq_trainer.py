@@ -8,9 +8,9 @@ import pytest
 from configs import shapes_dalle, shapes_vqgan
 from dalle_jax import parallel
 from dalle_jax.data import text as text_lib, token_records
-from dalle_jax.training import workdir as workdir_lib
+from dalle_jax import runs
 from dalle_jax.training.metrics import read_metrics
-from tests import multihost_runs
+from tests.pods import multihost_runs
 from tests.conftest import REPO, TINY_SPLITS, once_per_session
 from tests.trainers.test_encode_stage import filled_state, save_checkpoint
 
@@ -23,7 +23,7 @@ def vqgan_workdir(tmp_path_factory, shapes_data_dir, compilation_cache):
     config.model.ch_mult = (1, 2, 2)
 
     def build(workdir):
-        workdir_lib.save_config(config, workdir)
+        runs.save_config(config, workdir)
         save_checkpoint(config, workdir, 5, filled_state(config, parallel.make_mesh(config.mesh), seed=0))
         return {}
 
@@ -43,7 +43,7 @@ def train_losses(workdir):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, shapes_data_dir, vqgan_workdir):
-    from dalle_jax.trainers import seq2seq
+    from dalle_jax.trainers import seq2seq_trainer as seq2seq
     return once_per_session(tmp_path_factory, "dalle_full",
                             lambda workdir: seq2seq.train(tiny_config(shapes_data_dir, vqgan_workdir), workdir))
 
@@ -85,11 +85,11 @@ def test_stages_are_stored_in_the_workdir(full_run):
         source = token_records.open_split(encoded, split)
         assert len(source) == count
         assert source[0]["codes"].shape == (64,) and source[0]["codes"].max() < 32
-    assert workdir_lib.load_config(workdir).trainer == "seq2seq"
+    assert runs.load_config(workdir).trainer == "seq2seq"
 
 
 def test_interrupted_run_resumes_with_identical_losses(full_run, tmp_path, shapes_data_dir, vqgan_workdir):
-    from dalle_jax.trainers import seq2seq
+    from dalle_jax.trainers import seq2seq_trainer as seq2seq
     workdir = str(tmp_path / "resumed")
     config = tiny_config(shapes_data_dir, vqgan_workdir)
     assert seq2seq.train(config, workdir, stop_after=6) is None
@@ -128,7 +128,7 @@ def test_user_tokenizer_is_copied_and_a_different_one_refused(full_run, tmp_path
     ("model.code_features", 7, "set config.model.code_features=25"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, shapes_data_dir, vqgan_workdir, field, value, message):
-    from dalle_jax.trainers import seq2seq
+    from dalle_jax.trainers import seq2seq_trainer as seq2seq
     config = tiny_config(shapes_data_dir, vqgan_workdir)
     section, _, name = field.rpartition(".")
     (config[section] if section else config)[name] = value
@@ -138,7 +138,7 @@ def test_bad_configs_fail_before_any_work(tmp_path, shapes_data_dir, vqgan_workd
 
 
 def test_code_features_need_the_shapes_palette(shapes_data_dir, vqgan_workdir):
-    from dalle_jax.trainers import code_features_stage
+    from dalle_jax.shapes import code_features_stage
     config = tiny_config(shapes_data_dir, vqgan_workdir)
     config.model.code_features = 25
     code_features_stage.check_config(config)
@@ -151,9 +151,9 @@ def test_code_features_are_measured_stored_and_loaded_in_the_plain_layout(tmp_pa
                                                                           vqgan_workdir):
     import jax
     from flax import nnx
-    from dalle_jax import seq2seq_load
     from dalle_jax.models import dalle_bart
-    from dalle_jax.trainers import code_features_stage, seq2seq, seq2seq_step
+    from dalle_jax.shapes import code_features_stage
+    from dalle_jax.trainers import seq2seq_trainer as seq2seq, seq2seq_step
     from dalle_jax.training import checkpointing
     config = tiny_config(shapes_data_dir, vqgan_workdir)
     config.model.code_features = 25
@@ -170,7 +170,7 @@ def test_code_features_are_measured_stored_and_loaded_in_the_plain_layout(tmp_pa
     np.testing.assert_array_equal(stored["decoder"]["code_features"], measured)  # measured once, never trained
     assert measured[:32, :16].max() > 0 and measured[32, -2] == 1  # some code draws foreground; the start row
 
-    loaded = seq2seq_load.load_seq2seq(workdir)
+    loaded = runs.load_seq2seq(workdir)
     assert dalle_bart.code_features(loaded.config.model) == 0
     text = np.asarray(loaded.tokenizer.encode_batch(["a red circle", "a blue square"], config.model.text_length))
     codes = np.random.default_rng(0).integers(0, 32, size=(2, 64)).astype(np.int32)

@@ -7,7 +7,7 @@ import pytest
 
 from configs import shapes_vqgan
 from dalle_jax.training.metrics import read_metrics
-from tests import multihost_runs
+from tests.pods import multihost_runs
 from tests.conftest import REPO, TINY_SPLITS, once_per_session
 
 
@@ -23,7 +23,7 @@ def train_losses(workdir):
 
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, shapes_data_dir, compilation_cache):
-    from dalle_jax.trainers import vqgan
+    from dalle_jax.trainers import vqgan_trainer as vqgan
     return once_per_session(tmp_path_factory, "vqgan_full",
                             lambda workdir: vqgan.train(tiny_config(shapes_data_dir), workdir))
 
@@ -65,7 +65,7 @@ def test_tiny_run_learns_and_records_everything(full_run):
 
 
 def test_interrupted_run_resumes_with_identical_losses(full_run, tmp_path, shapes_data_dir):
-    from dalle_jax.trainers import vqgan
+    from dalle_jax.trainers import vqgan_trainer as vqgan
     workdir = str(tmp_path / "resumed")
     # Stops at step 6, between the regular checkpoints at 4 and 8: the stop writes one of its own.
     assert vqgan.train(tiny_config(shapes_data_dir), workdir, stop_after=6) is None

@@ -47,7 +47,7 @@ def test_scalars_and_images_read_back_through_tensorflow(tmp_path):
 def test_writing_metrics_does_not_import_tensorflow(tmp_path):
     script = (
         "import json, sys, numpy as np\n"
-        "import dalle_jax.trainers.seq2seq, dalle_jax.trainers.vqgan\n"
+        "import dalle_jax.trainers.seq2seq_trainer, dalle_jax.trainers.vqgan_trainer\n"
         "from dalle_jax.training.metrics import MetricsWriter\n"
         f"w = MetricsWriter({str(tmp_path)!r})\n"
         "w.write_scalars(1, {'a': 1.0}); w.write_images(1, {'b': np.zeros((4, 4, 3), np.uint8)}); w.close()\n"

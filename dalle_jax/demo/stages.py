@@ -1,0 +1,153 @@
+"""The whole pipeline in one command (`make demo`): data, VQGAN, tokenizer + DalleBart, samples, judged report.
+
+    python -m dalle_jax.demo [--root runs/demo] [--max_examples 500]
+
+Stages: build captioned_shapes -> train the VQGAN (`ROOT/vqgan`) -> train the text tokenizer and DalleBart
+(`ROOT/dalle`) -> train the caption model that picks among each image's candidates (`ROOT/reranker`) -> sample a
+grid for fixed prompts, held-out colour/shape pairs included (`ROOT/samples.png`) -> sample and judge `test` and
+`test_compositional` -> `ROOT/report.json`. A stage that finished in an earlier run is
+reused (its recorded time is kept); a stage that was interrupted resumes from its checkpoint. A run trained with
+an older recipe, or from a run that is trained again, is moved aside and trained afresh (`demo_reuse.py`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from absl import app, flags
+
+from configs import shapes_captioner, shapes_dalle, shapes_vqgan
+from dalle_jax.demo import reuse as demo_reuse
+
+_ROOT = flags.DEFINE_string("root", "runs/demo", "Directory of the demo's work directories and outputs.")
+_MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 500, "Examples judged per split (at most the split's size).")
+
+# One row each; the last three use colour/shape pairs that never occur in training.
+DEMO_PROMPTS = (
+    "a small red circle in the top left",
+    "a large blue square in the center",
+    "a yellow triangle to the left of a red square",
+    "a large green triangle in the bottom right",
+    "a purple circle above a blue triangle",
+    "a orange square below a yellow circle",  # the dataset writes "a" before every colour
+)
+IMAGES_PER_PROMPT = 8
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json(path: str, value: dict) -> None:
+    with open(path + ".tmp", "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+class Stages:
+    """Runs each stage once; the time of a finished stage is recorded in ROOT/timings.json and reused."""
+
+    def __init__(self, root: str):
+        self.path = os.path.join(root, "timings.json")
+        self.timings = _read_json(self.path) or {}
+
+    def run(self, name: str, done: bool, work) -> None:
+        if done and name in self.timings:
+            logging.info("demo: %s already done (%.0f s when it ran)", name, self.timings[name])
+            return
+        logging.info("demo: %s", name)
+        start = time.perf_counter()
+        work()
+        self.timings[name] = time.perf_counter() - start
+        _write_json(self.path, self.timings)
+
+
+def run_demo(root: str, max_examples: int) -> dict:
+    from dalle_jax.data import sources
+    from dalle_jax.trainers import captioner_trainer as captioner, seq2seq_trainer as seq2seq, vqgan_trainer as vqgan
+
+    os.makedirs(root, exist_ok=True)
+    vqgan_dir, dalle_dir = os.path.join(root, "vqgan"), os.path.join(root, "dalle")
+    reranker_dir = os.path.join(root, "reranker")
+    vqgan_config = shapes_vqgan.get_config()
+    dalle_config = shapes_dalle.get_config()
+    dalle_config.vqgan_workdir = vqgan_dir
+    reranker_config = shapes_captioner.get_config()
+    reranker_config.seq2seq_workdir = dalle_dir
+    stages = Stages(root)
+
+    stages.run("data", sources.builder_for(vqgan_config.data).is_prepared(),
+               lambda: sources.prepare(vqgan_config.data))
+    # A run of an older recipe, or one that learned from a run that trains again, is moved aside, not resumed.
+    vqgan_kept = demo_reuse.keep_or_move_aside(vqgan_dir, vqgan_config)
+    dalle_kept = demo_reuse.keep_or_move_aside(dalle_dir, dalle_config, upstream_kept=vqgan_kept)
+    reranker_kept = demo_reuse.keep_or_move_aside(reranker_dir, reranker_config, upstream_kept=dalle_kept)
+    stages.run("vqgan", vqgan_kept, lambda: vqgan.train(vqgan_config, vqgan_dir))
+    stages.run("seq2seq", dalle_kept, lambda: seq2seq.train(dalle_config, dalle_dir))
+    stages.run("reranker", reranker_kept, lambda: captioner.train(reranker_config, reranker_dir))
+
+    from dalle_jax.shapes import evaluate_samples
+    from dalle_jax.inference.text_to_image import TextToImage
+    from dalle_jax.inference.sampling import SamplingSettings
+    from PIL import Image
+
+    pipe = None
+
+    def load():
+        nonlocal pipe
+        # The recipe's sampling settings, also for a model trained before they changed (its config keeps the old).
+        # 512 draws per call: 64 images of 8 candidates, so the grid (48 images) and the 500 prompts of a split (8
+        # calls) share one compiled shape.
+        pipe = pipe or TextToImage.from_workdir(dalle_dir, batch_size=512, reranker_workdir=reranker_dir,
+                                                default_settings=SamplingSettings.from_config(dalle_config.sampling))
+        return pipe
+
+    # Pictures made before the reranker was (re)trained are made again.
+    reranker_done = os.path.getmtime(os.path.join(reranker_dir, "test_metrics.json"))
+    samples_path = os.path.join(root, "samples.png")
+    stages.run("samples", _newer(samples_path, reranker_done), lambda: Image.fromarray(
+        load()(list(DEMO_PROMPTS), num_images=IMAGES_PER_PROMPT, seed=0).grid()).save(samples_path))
+    judged_path = os.path.join(root, "judged.json")
+    stages.run("evaluate", _newer(judged_path, reranker_done), lambda: _write_json(
+        judged_path, evaluate_samples.evaluate_samples(load(), max_examples=max_examples, progress=True)))
+
+    report = _report(stages.timings, vqgan_dir, dalle_dir, reranker_dir, _read_json(judged_path))
+    _write_json(os.path.join(root, "report.json"), report)
+    return report
+
+
+def _newer(path: str, than: float) -> bool:
+    return os.path.exists(path) and os.path.getmtime(path) > than
+
+
+def _report(timings: dict, vqgan_dir: str, dalle_dir: str, reranker_dir: str, judged: dict) -> dict:
+    vq = _read_json(os.path.join(vqgan_dir, "test_metrics.json"))
+    s2s = _read_json(os.path.join(dalle_dir, "test_metrics.json"))
+    reranker = _read_json(os.path.join(reranker_dir, "test_metrics.json"))
+    judge = {}
+    for split, result in judged["sets"].items():
+        judge[split] = dict(accuracy=result["accuracy"], count=result["count"],
+                            **{name: a["accuracy"] for name, a in result["attributes"].items()})
+        if "one_object_pairs" in result:  # absent from the judged.json of a demo run before it was reported
+            judge[split]["one_object_pairs"] = {pair: dict(accuracy=p["accuracy"], count=p["count"])
+                                                for pair, p in result["one_object_pairs"].items()}
+    return dict(
+        timings_s=dict(timings, total=sum(timings.values())),
+        vqgan=dict(psnr=vq["psnr"], codebook_usage=vq["codebook_usage"]),
+        seq2seq=dict(eval_loss=s2s["loss"], token_accuracy=s2s["token_accuracy"], perplexity=s2s["perplexity"]),
+        reranker=dict(eval_loss=reranker["loss"], twin_accuracy=reranker.get("twin_accuracy")),
+        judge=judge, sampling=dict(judged["settings"], scorer=judged.get("scorer", "seq2seq")))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    report = run_demo(_ROOT.value, _MAX_EXAMPLES.value)
+    print(json.dumps(report, indent=2))
+

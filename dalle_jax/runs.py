@@ -1,0 +1,276 @@
+"""Finished runs, loaded for use: a work directory's config, its parameters at a step, its tokenizer, its VQGAN.
+
+Every stage writes one work directory (`config.json`, `checkpoints/`, metrics); sampling, the Python API, export,
+evaluation and the demo read them through this module alone. Only parameters are read from a checkpoint (a partial
+restore of its "state" item), straight into the shardings they take on the mesh they are loaded onto, without an
+initialised model being built first: optimizer states and data positions stay on disk. A run's own `config.mesh`
+is not used: it may name more devices than the machine loading it has.
+
+    seq2seq = runs.load_seq2seq("runs/dalle")          # DalleBart, its tokenizer, its config
+    vqgan = runs.load_vqgan(seq2seq.config.vqgan_workdir)
+    reranker = runs.load_reranker("runs/reranker")     # the caption model that picks among candidates
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from dalle_jax import parallel
+from dalle_jax.data import text as text_lib
+from dalle_jax.data import min_dalle_tokenizer
+from dalle_jax.models import dalle_bart, transformer_layers as tl
+from dalle_jax.models.captioner import Captioner
+from dalle_jax.models.dalle_bart import DalleBart
+from dalle_jax.models.vqgan import VQGAN
+from dalle_jax.training import checkpointing, gan_losses
+
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.model"  # a seq2seq run's sentencepiece model (min-dalle imports keep their BPE files)
+TOKENIZER_FILES = (TOKENIZER_FILE, min_dalle_tokenizer.VOCAB_FILE, min_dalle_tokenizer.MERGES_FILE)
+# What each trainer's run is called in messages, and the command that makes one.
+KINDS = {
+    "vqgan": ("VQGAN", "python train.py --config configs/shapes_vqgan.py --workdir {workdir}"),
+    "seq2seq": ("seq2seq", "python train.py --config configs/shapes_dalle.py --workdir {workdir} "
+                           "--config.vqgan_workdir=runs/vqgan"),
+    "captioner": ("reranker", "python train.py --config configs/shapes_captioner.py --workdir {workdir} "
+                              "--config.seq2seq_workdir=runs/dalle"),
+}
+
+
+# The work directory's record.
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes `workdir/config.json` (process 0): what later stages read to rebuild the run's models."""
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
+            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+    path = os.path.join(workdir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a dalle_jax work directory "
+                                "(train.py writes config.json there when a run starts).")
+    with open(path) as f:
+        return ml_collections.ConfigDict(json.load(f))
+
+
+def read_config(workdir: str, trainer: str) -> ml_collections.ConfigDict:
+    """The config of the `trainer` run in `workdir`; fails, naming the command that makes one, when `workdir` does
+    not exist, is not a work directory, or holds another trainer's run."""
+    name, command = KINDS[trainer]
+    if not os.path.isdir(workdir):
+        raise FileNotFoundError(f"The {name} work directory {workdir!r} does not exist. Train one with "
+                                f"`{command.format(workdir=workdir)}`.")
+    config = load_config(workdir)
+    found = config.get("trainer")
+    if found != trainer:
+        raise ValueError(f"{workdir!r} is a work directory of the {found!r} trainer, not of a {name} run "
+                         f"(its config.trainer must be {trainer!r}). Pass a run trained with "
+                         f"`{command.format(workdir='DIR')}`.")
+    if trainer == "seq2seq" and not any(os.path.isfile(os.path.join(workdir, f)) for f in TOKENIZER_FILES[:2]):
+        raise FileNotFoundError(f"{os.path.join(workdir, TOKENIZER_FILE)} does not exist: the run in {workdir!r} "
+                                f"stopped before it made its tokenizer. Resume it with `{command.format(workdir=workdir)}`.")
+    return config
+
+
+def checkpoint_step(workdir: str, trainer: str, step: int | None = None) -> int:
+    """`step` (default: the newest) among the checkpoints of `workdir` that hold a usable model; fails, naming
+    the fix, when there is none or `step` is not one of them. A reranker's params-only checkpoints do not count."""
+    name, command = KINDS[trainer]
+    steps = checkpointing.checkpoint_steps(workdir)
+    if trainer == "captioner":
+        steps = checkpointing.training_steps(os.path.join(os.path.abspath(workdir), "checkpoints"), steps)
+    if not steps:
+        raise FileNotFoundError(f"The {name} work directory {workdir!r} has no checkpoint in "
+                                f"{os.path.join(workdir, 'checkpoints')} yet. Train it (at least to its first "
+                                f"checkpoint) with `{command.format(workdir=workdir)}`.")
+    if step is None:
+        return int(steps[-1])
+    if step not in steps:
+        raise ValueError(f"{workdir!r} has no checkpoint of step {step}; it has steps {steps}.")
+    return int(step)
+
+
+def default_mesh() -> Mesh:
+    """Every local device on the data axis: the batch is split, the parameters replicated."""
+    return parallel.make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1)), jax.local_devices())
+
+
+def vqgan_workdir_of(workdir: str, config: ml_collections.ConfigDict, override: str | None = None) -> str:
+    """The VQGAN work directory a seq2seq run was trained on (`override` when given); fails when it is missing."""
+    path = override or config.get("vqgan_workdir")
+    if not path or not os.path.isdir(path):
+        source = "vqgan_workdir" if override else f"config.vqgan_workdir of {workdir!r}"
+        raise FileNotFoundError(
+            f"The VQGAN work directory {path!r} ({source}) does not exist (relative paths are read from "
+            f"{os.getcwd()!r}). Run from the directory the model was trained in, or name the VQGAN's work "
+            "directory with vqgan_workdir= (sample.py: --vqgan_workdir).")
+    return path
+
+
+def _restore(workdir: str, step: int, abstract_params, shardings) -> dict:
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract_params, shardings)
+    return checkpointing.restore_params(workdir, step, target)
+
+
+# The seq2seq model (DalleBart) and its tokenizer.
+
+def load_tokenizer(workdir: str):
+    """The run's sentencepiece `tokenizer.model`, or, in a work directory imported from min-dalle, its BPE
+    `vocab.json` + `merges.txt` (same interface)."""
+    if os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)):
+        return text_lib.TextTokenizer(os.path.join(workdir, TOKENIZER_FILE))
+    return min_dalle_tokenizer.MinDalleTokenizer(workdir)
+
+
+def tokenizer_fingerprint(seq2seq_workdir: str) -> str:
+    """sha256 over a seq2seq run's tokenizer files: two runs with equal fingerprints turn text into the same ids."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = os.path.join(seq2seq_workdir, name)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                digest.update(name.encode() + f.read())
+    return digest.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedSeq2Seq:
+    """A seq2seq run restored from its work directory; `params` lie in `shardings` over `mesh`."""
+    workdir: str
+    config: ml_collections.ConfigDict
+    tokenizer: Any  # text_lib.TextTokenizer or min_dalle_tokenizer.MinDalleTokenizer
+    graphdef: nnx.GraphDef
+    rng_state: Any  # shapes of the dropout streams, filled afresh by `model()`
+    params: dict
+    shardings: dict
+    mesh: Mesh
+    step: int
+
+    def model(self, params: dict | None = None) -> DalleBart:
+        """The model with `params` (default: the loaded ones)."""
+        return nnx.merge(self.graphdef, self.params if params is None else params,
+                         tl.fresh_rng_state(self.rng_state, jax.random.key(0)))
+
+    @property
+    def empty_text_ids(self) -> np.ndarray:
+        return text_lib.empty_caption_ids(int(self.config.model.text_length))
+
+
+def _abstract_seq2seq(model_config, mesh: Mesh, rules):
+    abstract = nnx.eval_shape(lambda: DalleBart(model_config, rngs=nnx.Rngs(params=0, dropout=0)))
+    graphdef, params, rng_state = nnx.split(abstract, nnx.Param, ...)
+    return graphdef, params, rng_state.to_pure_dict(), parallel.state_shardings(params, mesh, rules)
+
+
+def load_seq2seq(workdir: str, mesh: Mesh | None = None, *, step: int | None = None) -> LoadedSeq2Seq:
+    """Restores the run in `workdir` at `step` (default: its newest checkpoint) onto `mesh` (default:
+    `default_mesh()`), its parameters sharded by the run's `config.sharding_rules`."""
+    config = read_config(workdir, "seq2seq")
+    step = checkpoint_step(workdir, "seq2seq", step)
+    mesh = mesh if mesh is not None else default_mesh()
+    dalle_bart.validate_config(config.model)
+    graphdef, abstract, rng_state, shardings = _abstract_seq2seq(config.model, mesh, config.sharding_rules)
+    params = _restore(workdir, step, abstract.to_pure_dict(), shardings)
+    if dalle_bart.code_features(config.model):  # sampled and exported in the plain layout, which computes the same
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.model, params = dalle_bart.dense_equivalent(config.model, params)
+        graphdef, _, rng_state, shardings = _abstract_seq2seq(config.model, mesh, config.sharding_rules)
+        params = jax.device_put(params, shardings)
+    return LoadedSeq2Seq(workdir=os.path.abspath(workdir), config=config, tokenizer=load_tokenizer(workdir),
+                         graphdef=graphdef, rng_state=rng_state, params=params, shardings=shardings, mesh=mesh,
+                         step=step)
+
+
+# The VQGAN.
+
+@dataclasses.dataclass(frozen=True)
+class LoadedVQGAN:
+    """A VQGAN restored from a work directory; `params` are replicated over the mesh they were loaded onto."""
+    workdir: str
+    config: ml_collections.ConfigDict
+    graphdef: nnx.GraphDef
+    params: dict
+    step: int
+    fingerprint: str
+    grid_size: int
+    codebook_size: int
+
+    def model(self) -> VQGAN:
+        return nnx.merge(self.graphdef, self.params)
+
+
+def load_vqgan(workdir: str, mesh: Mesh | None = None, *, step: int | None = None) -> LoadedVQGAN:
+    """Restores the VQGAN of `workdir` at `step` (default: its newest checkpoint), replicated over `mesh`
+    (default: `default_mesh()`)."""
+    config = read_config(workdir, "vqgan")
+    step = checkpoint_step(workdir, "vqgan", step)
+    mesh = mesh if mesh is not None else default_mesh()
+    abstract_model = nnx.eval_shape(lambda: VQGAN(config.model, rngs=nnx.Rngs(0)))
+    graphdef, abstract = nnx.split(abstract_model, nnx.Param)
+    abstract = abstract.to_pure_dict()
+    params = _restore(workdir, step, abstract, jax.tree.map(lambda _: parallel.replicated(mesh), abstract))
+    return LoadedVQGAN(workdir=os.path.abspath(workdir), config=config, graphdef=graphdef, params=params,
+                       step=step, fingerprint=vqgan_fingerprint(config.model, step, params),
+                       grid_size=int(abstract_model.grid_size), codebook_size=int(abstract_model.codebook_size))
+
+
+def decode_uint8(vqgan: LoadedVQGAN, params: dict, codes: jax.Array) -> jax.Array:
+    """(N, grid*grid) codes -> uint8 (N, H, W, 3) through the decoder of `vqgan` with `params` (traceable, so
+    callers compile it with what surrounds it)."""
+    grid = codes.reshape(codes.shape[0], vqgan.grid_size, vqgan.grid_size)
+    return gan_losses.to_uint8(nnx.merge(vqgan.graphdef, params).decode_code(grid))
+
+
+def vqgan_fingerprint(model_config: ml_collections.ConfigDict, step: int, params: dict) -> str:
+    """sha256 over the model config, the step, and every parameter's path, dtype, shape and bytes."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(model_config.to_dict(), sort_keys=True, default=str).encode())
+    digest.update(f"step={int(step)}".encode())
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        value = np.asarray(jax.device_get(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}:{value.dtype.str}:{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+# The reranker (a caption model).
+
+@dataclasses.dataclass(frozen=True)
+class LoadedReranker:
+    """A caption model restored from its work directory, replicated over the mesh it was loaded onto."""
+    workdir: str
+    config: ml_collections.ConfigDict
+    graphdef: nnx.GraphDef
+    rng_state: Any
+    params: dict
+    step: int
+
+    def model(self, params: dict | None = None) -> Captioner:
+        return nnx.merge(self.graphdef, self.params if params is None else params,
+                         tl.fresh_rng_state(self.rng_state, jax.random.key(0)))
+
+
+def load_reranker(workdir: str, mesh: Mesh | None = None, *, step: int | None = None) -> LoadedReranker:
+    """Restores the caption model of `workdir` at `step` (default: its newest checkpoint), replicated over `mesh`."""
+    config = read_config(workdir, "captioner")
+    step = checkpoint_step(workdir, "captioner", step)
+    mesh = mesh if mesh is not None else default_mesh()
+    abstract_model = nnx.eval_shape(lambda: Captioner(config.model, rngs=nnx.Rngs(config.seed)))
+    graphdef, abstract, rng_state = nnx.split(abstract_model, nnx.Param, ...)
+    abstract = abstract.to_pure_dict()
+    params = _restore(workdir, step, abstract, jax.tree.map(lambda _: parallel.replicated(mesh), abstract))
+    return LoadedReranker(workdir=os.path.abspath(workdir), config=config, graphdef=graphdef,
+                          rng_state=rng_state.to_pure_dict(), params=params, step=step)

@@ -1,0 +1,43 @@
+"""`make demo`'s report.json, assembled from the stages' outputs (the stages themselves run in other tests)."""
+import json
+
+from dalle_jax.demo import stages as demo
+
+
+def _judged(with_pairs: bool) -> dict:
+    result = dict(accuracy=0.5, count=4, attributes={"color": dict(accuracy=1.0, count=4),
+                                                     "relation": dict(accuracy=None, count=0)})
+    if with_pairs:
+        result["one_object_pairs"] = {"purple circle": dict(accuracy=0.25, count=4, shape=0.5)}
+    return dict(settings=dict(temperature=0.7, top_k=8, top_p=1.0, cond_scale=2.0, candidates=4), scorer="reranker",
+                sets={"test_compositional": dict(source="split", **result)})
+
+
+def _stage_outputs(tmp_path):
+    (tmp_path / "vqgan").mkdir()
+    (tmp_path / "dalle").mkdir()
+    (tmp_path / "reranker").mkdir()
+    (tmp_path / "reranker" / "test_metrics.json").write_text(json.dumps(dict(step=500, loss=0.23,
+                                                                             twin_accuracy=0.44)))
+    (tmp_path / "vqgan" / "test_metrics.json").write_text(json.dumps(dict(psnr=31.0, codebook_usage=0.3)))
+    (tmp_path / "dalle" / "test_metrics.json").write_text(json.dumps(dict(loss=0.14, token_accuracy=0.97,
+                                                                          perplexity=1.15)))
+    return str(tmp_path / "vqgan"), str(tmp_path / "dalle"), str(tmp_path / "reranker")
+
+
+def test_report_holds_every_figure_the_demo_promises(tmp_path):
+    report = demo._report({"vqgan": 2.0, "seq2seq": 3.0}, *_stage_outputs(tmp_path), _judged(with_pairs=True))
+    assert report["timings_s"] == {"vqgan": 2.0, "seq2seq": 3.0, "total": 5.0}
+    assert report["vqgan"] == dict(psnr=31.0, codebook_usage=0.3)
+    assert report["seq2seq"] == dict(eval_loss=0.14, token_accuracy=0.97, perplexity=1.15)
+    assert report["judge"]["test_compositional"] == dict(accuracy=0.5, count=4, color=1.0, relation=None,
+                                                         one_object_pairs={"purple circle": dict(accuracy=0.25,
+                                                                                                 count=4)})
+    assert report["reranker"] == dict(eval_loss=0.23, twin_accuracy=0.44)
+    assert report["sampling"]["cond_scale"] == 2.0 and report["sampling"]["scorer"] == "reranker"
+    json.dumps(report)  # plain JSON types only
+
+
+def test_report_from_a_judged_file_written_before_pairs_were_reported(tmp_path):
+    report = demo._report({"evaluate": 1.0}, *_stage_outputs(tmp_path), _judged(with_pairs=False))
+    assert report["judge"]["test_compositional"] == dict(accuracy=0.5, count=4, color=1.0, relation=None)

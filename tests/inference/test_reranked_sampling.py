@@ -1,0 +1,135 @@
+"""Sampling with a reranker: of each image's candidates the pipeline keeps the one whose picture the caption model
+finds its prompt likeliest for."""
+import dataclasses
+import json
+import os
+import shutil
+
+import ml_collections
+import numpy as np
+import pytest
+
+from dalle_jax import runs
+from dalle_jax.models import captioner as captioner_lib
+from dalle_jax.inference.text_to_image import TextToImage
+from tests.inference.test_text_to_image import sampling_workdir
+from tests.trainers.test_captioner_trainer import captioner_run, pixel_captioner_run  # noqa: F401  (once per session)
+
+PROMPTS = ["a small red circle in the top left", "a green triangle above a purple circle"]
+SETTINGS = dict(temperature=1.2, top_k=16, top_p=0.95, cond_scale=3.0)
+K, NUM_IMAGES, SEED = 4, 3, 11
+
+
+@pytest.fixture(scope="module")
+def reranked_pipe(sampling_workdir, captioner_run):  # noqa: F811
+    return TextToImage.from_workdir(sampling_workdir["workdir"], reranker_workdir=captioner_run[0], batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def plain_pipe(sampling_workdir):  # noqa: F811
+    return TextToImage.from_workdir(sampling_workdir["workdir"], batch_size=8)
+
+
+@pytest.fixture(scope="module")
+def reranked(reranked_pipe):
+    return reranked_pipe(PROMPTS, num_images=NUM_IMAGES, seed=SEED, candidates=K, **SETTINGS)
+
+
+def assert_kept_draws_are_the_captioners_best(reranked_pipe, plain_pipe, reranked):
+    assert reranked.scorer == "reranker"
+    # With one candidate, image i*K + c is draw i*K + c: every candidate of the K-candidate call, in order.
+    singles = plain_pipe(PROMPTS, num_images=NUM_IMAGES * K, seed=SEED, candidates=1, **SETTINGS)
+    reads_codes = captioner_lib.reads(reranked_pipe.reranker.config.model) == "code_features"
+    read = singles.image_ids.reshape(-1, singles.image_ids.shape[-1]) if reads_codes else \
+        singles.images.reshape(-1, 32, 32, 3)
+    text_ids = np.repeat(singles.text_ids, NUM_IMAGES * K, axis=0)
+    scores = np.asarray(reranked_pipe.reranker.model().log_likelihood(read, text_ids)).reshape(
+        len(PROMPTS), NUM_IMAGES, K)
+    best = scores.argmax(-1)
+    image_index = np.arange(len(PROMPTS) * NUM_IMAGES).reshape(len(PROMPTS), NUM_IMAGES)
+    np.testing.assert_array_equal(reranked.draws, image_index * K + best)
+    np.testing.assert_allclose(reranked.scores, scores.max(-1), atol=1e-3)
+    candidates = singles.image_ids.reshape(len(PROMPTS), NUM_IMAGES, K, -1)
+    chosen = np.take_along_axis(candidates, best[..., None, None], axis=2)[:, :, 0]
+    np.testing.assert_array_equal(reranked.image_ids, chosen)
+    pictures = singles.images.reshape(len(PROMPTS), NUM_IMAGES, K, 32, 32, 3)
+    np.testing.assert_array_equal(reranked.images,
+                                  np.take_along_axis(pictures, best[..., None, None, None, None], axis=2)[:, :, 0])
+    # The seq2seq model's own choice differs somewhere, so the draws above were picked by the captioner.
+    by_seq2seq = plain_pipe(PROMPTS, num_images=NUM_IMAGES, seed=SEED, candidates=K, **SETTINGS)
+    assert by_seq2seq.scorer == "seq2seq"
+    assert np.any(by_seq2seq.draws != reranked.draws)
+
+
+def test_each_image_is_the_candidate_the_captioner_scores_highest(reranked_pipe, plain_pipe, reranked):
+    # The tiny recipe's caption model reads the draws' codes: only the kept ones are decoded.
+    assert captioner_lib.reads(reranked_pipe.reranker.config.model) == "code_features"
+    assert_kept_draws_are_the_captioners_best(reranked_pipe, plain_pipe, reranked)
+
+
+def test_a_caption_model_that_reads_pixels_keeps_its_best_candidate(sampling_workdir, pixel_captioner_run,  # noqa: F811
+                                                                     plain_pipe):
+    pipe = TextToImage.from_workdir(sampling_workdir["workdir"], reranker_workdir=pixel_captioner_run[0],
+                                    batch_size=8)
+    assert captioner_lib.reads(pipe.reranker.config.model) == "pixels"
+    reranked = pipe(PROMPTS, num_images=NUM_IMAGES, seed=SEED, candidates=K, **SETTINGS)
+    assert_kept_draws_are_the_captioners_best(pipe, plain_pipe, reranked)
+
+
+def test_one_candidate_needs_no_reranking(reranked_pipe, plain_pipe):
+    # 8 images: batches of the shape the test above compiled.
+    with_reranker = reranked_pipe(PROMPTS, num_images=4, seed=SEED, candidates=1, **SETTINGS)
+    without = plain_pipe(PROMPTS, num_images=4, seed=SEED, candidates=1, **SETTINGS)
+    assert with_reranker.scorer == without.scorer == "seq2seq"
+    np.testing.assert_array_equal(with_reranker.image_ids, without.image_ids)
+    np.testing.assert_array_equal(with_reranker.images, without.images)
+    np.testing.assert_array_equal(with_reranker.draws, without.draws)
+    np.testing.assert_allclose(with_reranker.scores, without.scores, rtol=1e-6)
+
+
+def test_records_name_the_scorer(reranked):
+    records = reranked.records()
+    assert len(records) == len(PROMPTS) * NUM_IMAGES
+    assert {r["scorer"] for r in records} == {"reranker"}
+    assert [r["draw"] for r in records] == reranked.draws.reshape(-1).tolist()
+    assert [r["score"] for r in records] == pytest.approx(reranked.scores.reshape(-1).tolist())
+    json.dumps(records)
+
+
+def test_the_kept_image_is_the_same_whatever_the_batch(reranked_pipe, reranked):
+    # Batches of 8 draws (the fixture's) hold two images each; of 4 draws, one.
+    again = reranked_pipe(PROMPTS, num_images=NUM_IMAGES, seed=SEED, candidates=K, batch_size=4, **SETTINGS)
+    np.testing.assert_array_equal(again.image_ids, reranked.image_ids)
+    np.testing.assert_array_equal(again.images, reranked.images)
+    np.testing.assert_array_equal(again.draws, reranked.draws)
+    np.testing.assert_allclose(again.scores, reranked.scores, atol=1e-4)
+
+
+def test_another_runs_reranker_is_refused_before_restoring(sampling_workdir, captioner_run,  # noqa: F811
+                                                           tmp_path, monkeypatch):
+    other = str(tmp_path / "other_reranker")
+    shutil.copytree(captioner_run[0], other)
+    path = os.path.join(other, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["tokenizer_sha256"] = "0" * 64
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+    def restored(*args, **kwargs):
+        raise AssertionError("a checkpoint was restored before the reranker was checked")
+
+    for name in ("load_seq2seq", "load_vqgan", "load_reranker"):
+        monkeypatch.setattr(runs, name, restored)
+    with pytest.raises(ValueError, match="tokenizer"):
+        TextToImage.from_workdir(sampling_workdir["workdir"], reranker_workdir=other)
+
+
+def test_a_reranker_of_other_shapes_is_refused(reranked_pipe):
+    # Same tokenizer, but trained for a run with longer captions: its checkpoint would load, its reading would not fit.
+    loaded = reranked_pipe.reranker
+    config = ml_collections.ConfigDict(loaded.config.to_dict())
+    config.model.text_length = 48
+    with pytest.raises(ValueError, match="reads 48 text tokens"):
+        TextToImage(reranked_pipe.seq2seq, reranked_pipe.vqgan, reranked_pipe.mesh,
+                    reranker=dataclasses.replace(loaded, config=config))
