@@ -17,7 +17,7 @@ from dalle_jax.data import min_dalle_tokenizer
 from dalle_jax.trainers import encode_stage
 from tests.interop.helpers import DalleBart, VQGAN, assert_trees_equal, dalle_config, perturb_norms, \
     random_params, tiny_vqgan_config
-from tests.interop.test_min_dalle_tokenizer import CORPUS, learn_bpe
+from tests.data.test_min_dalle_tokenizer import CORPUS, learn_bpe
 
 CAPTIONS = ["a red cube on a blue sphere", "the small green triangle", "a big yellow circle", "photo of a cat"]
 
