@@ -7,7 +7,7 @@ Stages: build captioned_shapes -> train the VQGAN (`ROOT/vqgan`) -> train the te
 grid for fixed prompts, held-out colour/shape pairs included (`ROOT/samples.png`) -> sample and judge `test` and
 `test_compositional` -> `ROOT/report.json`. A stage that finished in an earlier run is
 reused (its recorded time is kept); a stage that was interrupted resumes from its checkpoint. A run trained with
-an older recipe, or from a run that is trained again, is moved aside and trained afresh (`demo_reuse.py`).
+an older recipe, or from a run that is trained again, is moved aside and trained afresh (`demo/reuse.py`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import time
 from absl import app, flags
 
 from configs import shapes_captioner, shapes_dalle, shapes_vqgan
-from dalle_jax.demo import reuse as demo_reuse
+from dalle_jax.demo import reuse
 
 _ROOT = flags.DEFINE_string("root", "runs/demo", "Directory of the demo's work directories and outputs.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 500, "Examples judged per split (at most the split's size).")
@@ -84,9 +84,9 @@ def run_demo(root: str, max_examples: int) -> dict:
     stages.run("data", sources.builder_for(vqgan_config.data).is_prepared(),
                lambda: sources.prepare(vqgan_config.data))
     # A run of an older recipe, or one that learned from a run that trains again, is moved aside, not resumed.
-    vqgan_kept = demo_reuse.keep_or_move_aside(vqgan_dir, vqgan_config)
-    dalle_kept = demo_reuse.keep_or_move_aside(dalle_dir, dalle_config, upstream_kept=vqgan_kept)
-    reranker_kept = demo_reuse.keep_or_move_aside(reranker_dir, reranker_config, upstream_kept=dalle_kept)
+    vqgan_kept = reuse.keep_or_move_aside(vqgan_dir, vqgan_config)
+    dalle_kept = reuse.keep_or_move_aside(dalle_dir, dalle_config, upstream_kept=vqgan_kept)
+    reranker_kept = reuse.keep_or_move_aside(reranker_dir, reranker_config, upstream_kept=dalle_kept)
     stages.run("vqgan", vqgan_kept, lambda: vqgan.train(vqgan_config, vqgan_dir))
     stages.run("seq2seq", dalle_kept, lambda: seq2seq.train(dalle_config, dalle_dir))
     stages.run("reranker", reranker_kept, lambda: captioner.train(reranker_config, reranker_dir))

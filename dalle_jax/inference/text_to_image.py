@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from dalle_jax.data import image_grid as images
+from dalle_jax.data import image_grid
 from dalle_jax import parallel
 from dalle_jax.inference import sampling
 from dalle_jax import runs
@@ -70,7 +70,7 @@ class Samples:
 
     def grid(self) -> np.ndarray:
         """One uint8 picture: a row of `num_images` images per prompt."""
-        return images.image_grid(self.images.reshape(-1, *self.images.shape[2:]), columns=self.num_images)
+        return image_grid.image_grid(self.images.reshape(-1, *self.images.shape[2:]), columns=self.num_images)
 
     def records(self) -> list[dict]:
         """One JSON-ready dict per image, in index order."""
