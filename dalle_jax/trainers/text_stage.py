@@ -13,10 +13,8 @@ from typing import Iterable
 
 import jax
 
-from dalle_jax.data import text as text_lib
-from dalle_jax.data import min_dalle_tokenizer
-
-TOKENIZER_FILE = "tokenizer.model"
+from dalle_jax import runs
+from dalle_jax.data import min_dalle_tokenizer, text as text_lib
 
 
 def _same_bytes(a: str, b: str) -> bool:
@@ -28,9 +26,7 @@ def prepare_tokenizer(config, workdir: str, train_captions: Iterable[str]):
     """The work directory's tokenizer (either kind), creating `workdir/tokenizer.model` first when there is none,
     from `config.text.tokenizer_model` or by training a sentencepiece model of `config.text.vocab_size` pieces on
     `train_captions` (read only when training)."""
-    from dalle_jax import runs
-
-    path = os.path.join(workdir, TOKENIZER_FILE)
+    path = os.path.join(workdir, runs.TOKENIZER_FILE)
     user_model = config.text.tokenizer_model
     if user_model and not os.path.isfile(user_model):
         raise FileNotFoundError(f"config.text.tokenizer_model={user_model!r} does not exist; name a sentencepiece "
