@@ -10,6 +10,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.vqgan_workdir = ""  # Work directory of the trained VQGAN whose codes the model predicts (required).
     config.seed = 0  # Seeds parameters, data order and every random draw of the run.
     config.init_from = ""  # Work directory (imported or trained) whose newest parameters start a new run.
+    config.extensions = ()  # Modules of research code the trainers run (dalle_jax/extensions.py); none.
     config.num_steps = 1000  # Optimizer steps in total.
     config.log_every = 50  # Steps between training-metric lines.
     config.eval_every = 500  # Steps between evaluations on `validation` (and at the last step).
@@ -35,13 +36,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.blank_caption_prob = 0.1  # Chance a training caption is replaced by "" (for guidance).
     # Chance a training example uses its first (canonical) caption; otherwise one of all its captions at random.
     config.data.canonical_caption_prob = 0.0
-    # Chance each teacher-forced image input (after the start token) is replaced by a random code in training; the
-    # targets stay the true codes, so the model learns to take more of what it draws from the caption.
-    config.data.input_token_noise_prob = 0.0
-    # Steps at the start of training in which two-object captioned_shapes examples take the caption that names the
-    # left (or upper) object first ("to the left of", "above"): which object goes where then follows from word order
-    # alone, and the inverse wordings are learned on top of it afterwards. 0: off.
-    config.data.left_or_above_caption_steps = 0
     config.data.encode_batch_size = 64  # Global batch of the encode stage (images -> VQGAN codes).
 
     config.text = ml_collections.ConfigDict()
@@ -54,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.image_vocab_size = 16384  # VQGAN codebook size (the start token is this id).
     config.model.image_length = 256  # Image tokens per image (the VQGAN grid, row-major).
     config.model.d_model = 1024  # Model width.
-    config.model.encoder_layers = 12  # Text encoder layers (0: each text state is its word and position alone).
+    config.model.encoder_layers = 12  # Text encoder layers (at least 1).
     config.model.decoder_layers = 12  # Image-token decoder layers.
     config.model.heads = 16  # Attention heads.
     config.model.ffn_dim = 2730  # Feed-forward hidden width.
@@ -67,9 +61,6 @@ def base_config() -> ml_collections.ConfigDict:
     config.model.vocab_multiple = 128  # The output head is padded to a multiple of this (for sharding).
     config.model.image_positions = "flat"  # "flat" (DALL·E mini's) or "rows_cols" (row + column embeddings).
     config.model.layer_norm_variance = "two_pass"  # "two_pass" (torch's) or "one_pass" (fewer passes on TPUs).
-    # Width of fixed per-code appearance features (models/code_features.py) that image tokens are embedded from and
-    # scored with; 0: DALL·E mini's learned table and head. Only captioned_shapes can measure them (25).
-    config.model.code_features = 0
 
     config.loss = ml_collections.ConfigDict()
     config.loss.label_smoothing = 0.0  # Label-smoothing mass spread over the codebook.

@@ -14,11 +14,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.trainer = "captioner"
     config.seq2seq_workdir = ""  # The DalleBart run whose candidates this model ranks (its tokenizer, records, VQGAN).
     config.seed = 0
-    # Reading pixels, picking among `make demo`'s 4 draws per prompt (500 per split), judged: 79.6% / 40.6% on test /
-    # test_compositional after 300 steps, 78.6% / 39.2% after 200. Reading codes, the best of 8 of 16 draws per
-    # prompt: 82.4% / 47.4% after 300 steps (2 min 7 s for the demo's stage), 83.0% / 48.4% after 450 (about 1 min
-    # more).
-    config.num_steps = 300
+    # The code features the model reads, and twin captions for the evaluation's `twin_accuracy`.
+    config.extensions = ("dalle_jax.shapes.captioner_code_features", "dalle_jax.shapes.twin_captions")
+    config.num_steps = 300  # Optimizer steps in total (docs/research/knobs.md).
     config.log_every = 50
     config.eval_every = 300  # Steps between evaluations on `validation` (and at the last step).
     config.checkpoint_every = 150
@@ -49,17 +47,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     model.code_features = 0
     model.text_length = 0
     model.vocab_size = 0
-    # Reads each candidate's codes by their appearance features, not its decoded picture. Picking among 16 draws
-    # per prompt of the demo model (500 prompts per split, the best of the first 4 / 8), judged on test /
-    # test_compositional: 82.6% / 42.4% and 82.4% / 47.4%, against 79.4% / 37.0% and 82.0% / 40.6% reading
-    # 4x4-pixel patches. A 3-layer convolutional stem over the pixels scored 83.2% / 43.0% and 84.2% / 46.0%, but
-    # trains slower and needs every candidate decoded. A learned table per code instead of the features: 82.8% /
-    # 36.2% (K=4); the features without the convolution: 79.4% / 39.2%.
-    model.reads = "code_features"
-    # Reading pixels: 4x4-pixel patches, 64 image tokens. Reranking 4 draws of the shapes demo model on 500 examples
-    # per split, judged: 8x8 patches (16 tokens) 80.2% / 40.4% (test / test_compositional); 4x4 83.4% / 39.2%; 4x4 with
-    # d_model 128 and 2 encoder layers 82.6% / 40.8%, at 2.3x the training time.
-    model.patch_size = 4
+    model.reads = "code_features"  # Reads each candidate's codes by their appearance features, not its picture.
+    model.patch_size = 4  # Reading pixels: 4x4-pixel patches, 64 image tokens.
     model.d_model = 96
     model.heads = 4
     model.ffn_dim = 192

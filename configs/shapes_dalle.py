@@ -10,6 +10,8 @@ from configs import common, seq2seq_common
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = seq2seq_common.base_config()
+    # Code features (shapes/code_features_bart.py) and left-or-above captions (shapes/left_or_above.py).
+    config.extensions = ("dalle_jax.shapes.code_features_stage", "dalle_jax.shapes.left_or_above")
     config.num_steps = 600  # Optimizer steps in total: with encoding and evaluation, about 6.5 minutes on 2 CPU cores.
     config.log_every = 50  # Steps between training-metric lines.
     config.eval_every = 300  # Steps between evaluations on `validation` (and at the last step).
@@ -28,49 +30,27 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     model.image_vocab_size = 1024  # The shapes VQGAN's codebook.
     model.image_length = 64  # Its 8x8 grid.
     model.d_model = 128  # Model width.
-    # One text encoder layer: judged on 500 samples per split after 600 steps, seeds 0, 1 and 2, test 76.8% / 83.8% /
-    # 76.2% and test_compositional 31.8% / 28.8% / 25.0% (relations 73-85%), against 72.4% / 71.6% and 28.8% / 25.4%
-    # (relations 67-68%) with two, seeds 0 and 1.
-    model.encoder_layers = 1
+    model.encoder_layers = 1  # One text encoder layer (docs/research/knobs.md: better than two).
     model.decoder_layers = 4  # Image-token decoder layers.
     model.heads = 4  # Attention heads.
     model.ffn_dim = 384  # GLU hidden width.
     model.vocab_multiple = 64  # Output head padded to 1,088 columns.
-    # Row + column vectors: "top", "left" and the rest are learned about twice as fast as with a vector per position
-    # (judge cell accuracy 75% against 45% after 600 steps).
-    model.image_positions = "rows_cols"
-    # Image tokens embedded from, and scored with, what each code draws (a foreground mask and colour shares, fixed,
-    # measured on the training images): judged on 500 samples per split after 600 steps (one run each), test 71% and
-    # test_compositional 27%, against 64-67% and 8-15% with a learned table and head.
+    model.image_positions = "rows_cols"  # Row + column vectors: placement words learned from fewer examples.
+    # Width of the fixed per-code appearance features (a foreground mask and colour shares, measured on the training
+    # images) that image tokens are embedded from and scored with; 0: a learned table and head.
     model.code_features = 25
 
-    # Half the examples take the canonical caption, which states every attribute; the rest pick among all five
-    # captions, paraphrases that leave the size or cell out included. After 600 steps, judged on 500 `test` /
-    # `test_compositional` samples: 64% / 11% against 46-50% / 4-5% with every caption equally likely (0.75: 67% / 6%).
-    config.data.canonical_caption_prob = 0.5
-    # For the first half of training, two-object scenes are captioned with the left (or upper) object first. Which
-    # object goes where then follows from word order alone; learned directly, "A to the right of B" against "B to the
-    # right of A" is a parity of two cues that gradient descent did not pick up (after 600 steps the model scored a
-    # caption and its relation-swapped twin equally, teacher-forced). Judged on 500 samples per split after 600 steps
-    # (one run each): 72% / 29% and relations 67%, against 71% / 27% and 59% without (400 steps: 70% / 28%).
+    config.data.canonical_caption_prob = 0.5  # Half the examples take the canonical caption, which states everything.
+    # Steps at the start in which two-object scenes are captioned with the left (or upper) object first; 0: off.
     config.data.left_or_above_caption_steps = 300
-    config.optimizer.learning_rate = 3e-3  # Peak learning rate (1e-3 reaches eval/loss 0.137 where 3e-3 reaches 0.121).
+    config.optimizer.learning_rate = 3e-3  # Peak learning rate (docs/research/knobs.md).
     config.optimizer.warmup_steps = 50  # Linear warmup steps.
 
-    # Sampling defaults for this recipe (sample.py, evaluation, the demo): the best judge accuracy on `test` among
-    # the settings tried (cond_scale 1.5-6, temperature 0.5-1, top_k 4-64). Stronger guidance draws two-object
-    # scenes better but single objects worse.
+    # Sampling defaults of sample.py, evaluation and the demo: the best judged settings tried (docs/research/knobs.md).
     config.sampling.temperature = 0.7
     config.sampling.top_k = 8
     config.sampling.cond_scale = 2.0
-    # The best of 8 draws per image. Picked by the seq2seq likelihood, 4 draws: `make demo` judged 76.5% of 1,000
-    # test samples correct against 74.1% with one draw, and 29.7% of test_compositional against 30.8%. Picked by the
-    # demo's reranker (configs/shapes_captioner.py), which reads codes, so only the kept draw is decoded: 82.4% /
-    # 47.4% with 8 draws against 82.6% / 42.4% with 4 (500 prompts per split). Of 16 draws per prompt, one is
-    # right for 94.8% / 57.6% of the prompts among the first 4 and 97.8% / 69.6% among the first 8. Kept by that
-    # reranker among 8 draws: temperature 0.5 82.4% / 44.4%, 1.0 79.4% / 47.6%, top_k 4 80.6% / 47.0%, cond_scale 3
-    # 71.0% / 45.6%, against 79.8% / 46.0% with these settings.
-    config.sampling.candidates = 8
+    config.sampling.candidates = 8  # The best of 8 draws per image is kept.
 
     if arg == "tiny":
         config.num_steps = 12

@@ -10,6 +10,8 @@ from configs import common, vqgan_common
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config = vqgan_common.base_config(image_size=32)
     config.seed = 0  # Seeds parameters, data order and every random draw of the run.
+    # The final test figures judge each reconstruction against its scene (judge_* figures).
+    config.extensions = ("dalle_jax.shapes.judged_reconstructions",)
     config.num_steps = 1500  # Optimizer steps in total.
     config.log_every = 50  # Steps between training-metric lines.
     config.eval_every = 750  # Steps between evaluations on `validation` (and at the last step).

@@ -9,6 +9,7 @@ def base_config(image_size: int) -> ml_collections.ConfigDict:
     config.trainer = "vqgan"  # Which trainer train.py runs: "vqgan" or "seq2seq".
     config.seed = 0  # Seeds parameters, data order and every random draw of the run.
     config.init_from = ""  # Work directory (imported or trained) whose newest parameters start a new run.
+    config.extensions = ()  # Modules of research code the trainers run (dalle_jax/extensions.py); none.
     config.num_steps = 1000  # Optimizer steps in total.
     config.log_every = 50  # Steps between training-metric lines.
     config.eval_every = 500  # Steps between evaluations on `validation` (and at the last step).

@@ -24,10 +24,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from dalle_jax import parallel
+from dalle_jax import extensions, parallel
 from dalle_jax.data import text as text_lib
 from dalle_jax.data import min_dalle_tokenizer
-from dalle_jax.models import dalle_bart, transformer_layers as tl
+from dalle_jax.models import transformer_layers as tl
 from dalle_jax.models.captioner import Captioner
 from dalle_jax.models.dalle_bart import DalleBart
 from dalle_jax.models.vqgan import VQGAN
@@ -168,8 +168,8 @@ class LoadedSeq2Seq:
         return text_lib.empty_caption_ids(int(self.config.model.text_length))
 
 
-def _abstract_seq2seq(model_config, mesh: Mesh, rules):
-    abstract = nnx.eval_shape(lambda: DalleBart(model_config, rngs=nnx.Rngs(params=0, dropout=0)))
+def _abstract_seq2seq(model_config, mesh: Mesh, rules, model_class: type[DalleBart] = DalleBart):
+    abstract = nnx.eval_shape(lambda: model_class(model_config, rngs=nnx.Rngs(params=0, dropout=0)))
     graphdef, params, rng_state = nnx.split(abstract, nnx.Param, ...)
     return graphdef, params, rng_state.to_pure_dict(), parallel.state_shardings(params, mesh, rules)
 
@@ -180,12 +180,14 @@ def load_seq2seq(workdir: str, mesh: Mesh | None = None, *, step: int | None = N
     config = read_config(workdir, "seq2seq")
     step = checkpoint_step(workdir, "seq2seq", step)
     mesh = mesh if mesh is not None else default_mesh()
-    dalle_bart.validate_config(config.model)
-    graphdef, abstract, rng_state, shardings = _abstract_seq2seq(config.model, mesh, config.sharding_rules)
+    model_class = extensions.model_class(config, DalleBart)
+    model_class.validate_config(config.model)
+    graphdef, abstract, rng_state, shardings = _abstract_seq2seq(config.model, mesh, config.sharding_rules,
+                                                                 model_class)
     params = _restore(workdir, step, abstract.to_pure_dict(), shardings)
-    if dalle_bart.code_features(config.model):  # sampled and exported in the plain layout, which computes the same
+    if model_class is not DalleBart:  # sampled and exported in the plain layout, which computes the same
         config = ml_collections.ConfigDict(config.to_dict())
-        config.model, params = dalle_bart.dense_equivalent(config.model, params)
+        config.model, params = model_class.dense_equivalent(config.model, params)
         graphdef, _, rng_state, shardings = _abstract_seq2seq(config.model, mesh, config.sharding_rules)
         params = jax.device_put(params, shardings)
     return LoadedSeq2Seq(workdir=os.path.abspath(workdir), config=config, tokenizer=load_tokenizer(workdir),

@@ -13,8 +13,6 @@ import grain
 import jax
 import numpy as np
 
-from dalle_jax.data import shapes_scene
-
 Example = Mapping[str, object]
 # Key under which a random transform finds the example's position in the endless training stream (the global batch
 # it lands in is `position // global_batch`).
@@ -96,12 +94,11 @@ def image_transform(image_key: str, image_size: int) -> Transform:
 
 
 def caption_and_codes(tokenizer, text_length: int, *, random_caption: bool, canonical_prob: float = 0.0,
-                      left_or_above_examples: int = 0):
+                      train_caption: Callable[[Example], str | None] | None = None):
     """Transform of image-token records into `text_ids` + `codes`. Training (`random_caption`) tokenizes the
     example's first (canonical) caption with probability `canonical_prob`, and otherwise one of all its captions
-    chosen by the generator; evaluation always the canonical one. Training examples at stream positions below
-    `left_or_above_examples` that show a two-object captioned_shapes scene take its left-or-above caption instead
-    (`shapes_scene.left_or_above_caption`)."""
+    chosen by the generator; evaluation always the canonical one. A training example for which `train_caption`
+    (an extension's, see `dalle_jax/extensions.py`) gives a caption takes that one instead, without a draw."""
     if not 0.0 <= canonical_prob <= 1.0:
         raise ValueError(f"config.data.canonical_caption_prob={canonical_prob} must be in [0, 1].")
 
@@ -109,10 +106,9 @@ def caption_and_codes(tokenizer, text_length: int, *, random_caption: bool, cano
         return {"text_ids": tokenizer.encode(caption, text_length), "codes": np.asarray(example["codes"], np.int32)}
 
     def random_one(example: Example, rng: np.random.Generator) -> dict:
-        scene = example.get("scene")
-        early = left_or_above_examples > 0 and example[STREAM_INDEX] < left_or_above_examples
-        if early and scene and len(scene["objects"]) == 2:
-            return tokenize(example, shapes_scene.left_or_above_caption(scene))
+        override = train_caption(example) if train_caption is not None else None
+        if override is not None:
+            return tokenize(example, override)
         captions = example["captions"]
         canonical = canonical_prob > 0 and rng.random() < canonical_prob  # no extra draw when off
         index = 0 if canonical else rng.integers(len(captions))

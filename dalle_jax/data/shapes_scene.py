@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from typing import Mapping
 
 import numpy as np
 
@@ -198,20 +199,6 @@ def canonical_caption(scene: dict) -> str:
     raise ValueError(f"a scene has 1 or 2 objects, got {len(objects)}.")
 
 
-def left_or_above_caption(scene: dict) -> str:
-    """A two-object scene's caption worded so that the object on the left (or above) is named first:
-    `a {color} {shape} to the left of|above a {color} {shape}`."""
-    objects = scene["objects"]
-    if len(objects) != 2:
-        raise ValueError(f"a left-or-above caption needs a two-object scene, got {len(objects)} object(s).")
-    relation = scene["relation"]
-    if relation not in INVERSE_RELATION:
-        raise ValueError(f"relation={relation!r} of a two-object scene must be one of {RELATIONS[1:]}.")
-    if relation in ("to the right of", "below"):
-        scene = {"objects": objects[::-1], "relation": INVERSE_RELATION[relation]}
-    return canonical_caption(scene)
-
-
 _ONE_OBJECT_TEMPLATES = (
     "a {color} {shape} in the {cell}",
     "a {size} {color} {shape}",
@@ -285,3 +272,44 @@ def stated_attributes(caption: str) -> frozenset[str]:
     if _CELL_WORDS.search(text):
         stated.add("cell")
     return frozenset(stated)
+
+
+def _decode_name(value, names: tuple[str, ...], field: str) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8")
+    if isinstance(value, str):
+        if value not in names:
+            raise ValueError(f"{field}={value!r} is not one of {names}.")
+        return value
+    index = int(value)
+    if not 0 <= index < len(names):
+        raise ValueError(f"{field}={index} is out of range for the {len(names)} names {names}.")
+    return names[index]
+
+
+def scene_from_example(example: Mapping) -> dict:
+    """A scene dict from a decoded captioned_shapes example (ClassLabel ids or names, objects as columns).
+
+    A scene already in the shapes_scene form (objects as a list of dicts) is validated and returned as one.
+    """
+    objects = example["objects"]
+    if isinstance(objects, Mapping):
+        count = len(objects["color"])
+        objects = [{key: objects[key][i] for key in objects} for i in range(count)]
+    fields = {
+        "color": tuple(COLORS),
+        "shape": SHAPES,
+        "size": SIZES,
+        "cell": CELLS,
+    }
+    scene_objects = []
+    for obj in objects:
+        decoded = {key: _decode_name(obj[key], names, key) for key, names in fields.items()}
+        decoded["box"] = tuple(int(v) for v in obj["box"])
+        scene_objects.append(decoded)
+    if len(scene_objects) not in (1, 2):
+        raise ValueError(f"a scene has 1 or 2 objects, got {len(scene_objects)}.")
+    relation = _decode_name(example.get("relation", "none"), RELATIONS, "relation")
+    if (relation == "none") != (len(scene_objects) == 1):
+        raise ValueError(f"relation={relation!r} does not fit a scene of {len(scene_objects)} object(s).")
+    return {"objects": scene_objects, "relation": relation}

@@ -53,7 +53,7 @@ def _check_scene(scene: Mapping) -> dict:
         relation = str(scene["relation"])
     except (KeyError, TypeError) as e:
         raise ValueError(f"scene {scene!r} is not a captioned_shapes scene: it needs objects (each with "
-                         f"{_OBJECT_NAMES} names and a box) and a relation name, as judge.scene_from_example "
+                         f"{_OBJECT_NAMES} names and a box) and a relation name, as shapes_scene.scene_from_example "
                          "returns.") from e
     if any(len(obj["box"]) != 4 for obj in objects):
         raise ValueError(f"every object's box must be (x0, y0, x1, y1); got scene {scene!r}.")

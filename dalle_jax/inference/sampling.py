@@ -49,7 +49,7 @@ class SamplingSettings:
         """From a run's `config.sampling` block (`top_k` 0 means no top-k filter)."""
         settings = cls(temperature=float(sampling_cfg.temperature), top_k=int(sampling_cfg.top_k) or None,
                        top_p=float(sampling_cfg.top_p), cond_scale=float(sampling_cfg.cond_scale),
-                       candidates=int(sampling_cfg.get("candidates", 1)))
+                       candidates=int(sampling_cfg.candidates))
         settings.validate()
         return settings
 

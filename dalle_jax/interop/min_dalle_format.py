@@ -106,9 +106,7 @@ def infer_model_config(encoder: Mapping[str, np.ndarray], decoder: Mapping[str, 
 
     text_vocab, d_model = shape(encoder, "embed_tokens.weight", ENCODER_FILE)
     text_length = shape(encoder, "embed_positions.weight", ENCODER_FILE)[0]
-    # A text encoder without layers (encoder_layers=0) leaves the decoder's as the only feed-forward width.
-    ffn_dim = (shape(encoder, "layers.0.glu.fc0.weight", ENCODER_FILE) if layer_count(encoder)
-               else shape(decoder, "layers.0.glu.fc0.weight", DECODER_FILE))[0]
+    ffn_dim = shape(encoder, "layers.0.glu.fc0.weight", ENCODER_FILE)[0]
     table_rows = shape(decoder, "embed_tokens.weight", DECODER_FILE)[0]
     head_rows = shape(decoder, "lm_head.weight", DECODER_FILE)[0]
     image_length = shape(decoder, "embed_positions.weight", DECODER_FILE)[0]

@@ -28,7 +28,7 @@ READS = ("pixels", "code_features")
 
 def reads(config: ml_collections.ConfigDict) -> str:
     """What the model reads of a candidate: "pixels" (its decoded picture) or "code_features" (its codes)."""
-    return str(config.get("reads", "pixels"))
+    return str(config.reads)
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:

@@ -20,18 +20,11 @@ MASKED_LOGIT = -1e9
 CONFIG_FIELDS = (
     "text_vocab_size", "text_length", "image_vocab_size", "image_length", "d_model", "encoder_layers",
     "decoder_layers", "heads", "ffn_dim", "ffn", "dropout", "dtype", "param_dtype", "scan_layers", "remat",
-    "vocab_multiple",
+    "vocab_multiple", "image_positions", "layer_norm_variance",
 )
-# Fields that configs written before they existed may lack, with the value those configs meant.
-OPTIONAL_FIELDS = {"image_positions": "flat", "layer_norm_variance": "two_pass", "code_features": 0}
 IMAGE_POSITIONS = ("flat", "rows_cols")
 LAYER_NORM_VARIANCES = ("two_pass", "one_pass")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def features_per_column(features: jax.Array, columns: int) -> jax.Array:
-    """(image_vocab_size + 1, width) code features -> (columns, width): zero rows for the output head's padding."""
-    return jnp.zeros((columns, features.shape[1]), features.dtype).at[:features.shape[0]].set(features)
 
 
 def padded_image_vocab_size(image_vocab_size: int, vocab_multiple: int) -> int:
@@ -45,20 +38,19 @@ def teacher_forcing_inputs(image_tokens: jax.Array, start_token: int) -> jax.Arr
     return jnp.concatenate([start, image_tokens[:, :-1]], axis=1)
 
 
-def validate_config(cfg: ml_collections.ConfigDict) -> None:
-    missing = [f for f in CONFIG_FIELDS if f not in cfg]
+def validate_config(cfg: ml_collections.ConfigDict, fields: tuple[str, ...] = CONFIG_FIELDS) -> None:
+    """Fails naming the field on a config that does not build a model; `fields` are all the model's fields (a
+    subclass passes its own)."""
+    missing = [f for f in fields if f not in cfg]
     if missing:
-        raise ValueError(f"DalleBart config lacks field(s) {missing}; it needs exactly {list(CONFIG_FIELDS)}.")
-    extra = [f for f in cfg.keys() if f not in CONFIG_FIELDS and f not in OPTIONAL_FIELDS]
+        raise ValueError(f"DalleBart config lacks field(s) {missing}; it needs exactly {list(fields)}.")
+    extra = [f for f in cfg.keys() if f not in fields]
     if extra:
-        raise ValueError(f"DalleBart config has unknown field(s) {extra}; the fields are {list(CONFIG_FIELDS)}.")
-    for field in ("text_vocab_size", "text_length", "image_vocab_size", "image_length", "d_model",
+        raise ValueError(f"DalleBart config has unknown field(s) {extra}; the fields are {list(fields)}.")
+    for field in ("text_vocab_size", "text_length", "image_vocab_size", "image_length", "d_model", "encoder_layers",
                   "decoder_layers", "heads", "ffn_dim", "vocab_multiple"):
         if int(cfg[field]) < 1:
             raise ValueError(f"config.{field}={cfg[field]} must be a positive integer.")
-    if int(cfg.encoder_layers) < 0:
-        raise ValueError(f"config.encoder_layers={cfg.encoder_layers} must be >= 0 (0: the text states are the "
-                         "token and position embeddings alone).")
     if cfg.text_vocab_size <= TEXT_PAD_ID:
         raise ValueError(f"config.text_vocab_size={cfg.text_vocab_size} must include the BART special ids 0-3.")
     if cfg.d_model % cfg.heads:
@@ -73,42 +65,22 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
             raise ValueError(f"config.{field}={cfg[field]!r} is unknown; use one of {tuple(DTYPES)}.")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"config.dropout={cfg.dropout} must be in [0, 1).")
-    variance = layer_norm_variance(cfg)
-    if variance not in LAYER_NORM_VARIANCES:
-        raise ValueError(f"config.layer_norm_variance={variance!r} is unknown; use one of {LAYER_NORM_VARIANCES}.")
-    positions = image_positions(cfg)
+    if cfg.layer_norm_variance not in LAYER_NORM_VARIANCES:
+        raise ValueError(f"config.layer_norm_variance={cfg.layer_norm_variance!r} is unknown; use one of "
+                         f"{LAYER_NORM_VARIANCES}.")
+    positions = cfg.image_positions
     if positions not in IMAGE_POSITIONS:
         raise ValueError(f"config.image_positions={positions!r} is unknown; use one of {IMAGE_POSITIONS}.")
-    if code_features(cfg) < 0:
-        raise ValueError(f"config.code_features={code_features(cfg)} must be 0 (off) or the width of the codes' "
-                         "appearance features.")
     side = int(round(cfg.image_length ** 0.5))
     if positions == "rows_cols" and side * side != cfg.image_length:
         raise ValueError(f"config.image_positions='rows_cols' needs a square image grid, but "
                          f"config.image_length={cfg.image_length} is not a square; use 'flat'.")
 
 
-def image_positions(cfg: ml_collections.ConfigDict) -> str:
-    """How the decoder embeds image positions: "flat" (DALL·E mini's one learned vector per position) or
-    "rows_cols" (a learned vector per grid row plus one per column, summed): with the second, what the model
-    learns about a row or a column holds along all of it, so placement words are learned from far fewer examples."""
-    return str(cfg.get("image_positions", OPTIONAL_FIELDS["image_positions"]))
-
-
-def layer_norm_variance(cfg: ml_collections.ConfigDict) -> str:
-    """How every LayerNorm computes its variance: "two_pass" (torch's, the default) or "one_pass" (faster on TPUs;
-    equal up to float32 rounding for activations whose mean is not far larger than their spread)."""
-    return str(cfg.get("layer_norm_variance", OPTIONAL_FIELDS["layer_norm_variance"]))
-
-
-def code_features(cfg: ml_collections.ConfigDict) -> int:
-    """Width of the fixed per-code appearance features (`models/code_features.py`) that the decoder embeds its image
-    tokens from and adds to its output head; 0: a learned embedding per code and a plain output head (DALL·E mini's)."""
-    return int(cfg.get("code_features", OPTIONAL_FIELDS["code_features"]))
-
-
 def layer_norm_options(cfg: ml_collections.ConfigDict) -> dict:
-    return dict(one_pass_variance=layer_norm_variance(cfg) == "one_pass")
+    """`layer_norm_variance`: "two_pass" (torch's) or "one_pass" (faster on TPUs; equal up to float32 rounding for
+    activations whose mean is not far larger than their spread)."""
+    return dict(one_pass_variance=cfg.layer_norm_variance == "one_pass")
 
 
 def _check_ids(name: str, ids: jax.Array, max_length: int, field: str) -> None:
@@ -126,11 +98,7 @@ def _embedding(num: int, features: int, names: tuple[str, str], **kw) -> nnx.Emb
 
 
 class Encoder(nnx.Module):
-    """Token + position embeddings, LayerNorm, bidirectional layers (`<pad>` keys masked), final LayerNorm.
-
-    With `encoder_layers=0` each text state is its own word at its own position, and only the decoder's
-    cross-attention combines words (on the shapes recipe, README "Train the text-to-image-token model").
-    """
+    """Token + position embeddings, LayerNorm, bidirectional layers (`<pad>` keys masked), final LayerNorm."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         kw = dict(dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
@@ -143,22 +111,21 @@ class Encoder(nnx.Module):
         self.layers = tl.create_layer_stack(
             lambda r: tl.EncoderLayer(cfg.d_model, cfg.heads, cfg.ffn_dim, cfg.ffn, cfg.dropout, dtype=kw["dtype"],
                                       param_dtype=kw["param_dtype"], rngs=r, **layer_norm_options(cfg)),
-            cfg.encoder_layers, scan=self.scan_layers, rngs=rngs) if cfg.encoder_layers else None
+            cfg.encoder_layers, scan=self.scan_layers, rngs=rngs)
         self.final_ln = tl.layer_norm(cfg.d_model, **norm_kw)
 
     def __call__(self, text_ids: jax.Array, *, deterministic: bool) -> jax.Array:
         x = self.embed_tokens(text_ids) + self.embed_positions(jnp.arange(text_ids.shape[1]))[None]
         x = constrain(self.dropout(self.layernorm_embedding(x), deterministic=deterministic), tl.EMBED_ACTIVATION)
-        if self.layers is not None:
-            mask = tl.key_padding_mask(text_ids, TEXT_PAD_ID)
-            x = tl.apply_layer_stack(self.layers, x, mask, scan=self.scan_layers, remat=self.remat,
-                                     deterministic=deterministic)
+        x = tl.apply_layer_stack(self.layers, x, tl.key_padding_mask(text_ids, TEXT_PAD_ID), scan=self.scan_layers,
+                                 remat=self.remat, deterministic=deterministic)
         return self.final_ln(x)
 
 
 class Decoder(nnx.Module):
     """Image-token + position embeddings, LayerNorm, causal layers with cross-attention over the text,
-    final LayerNorm, untied output head."""
+    final LayerNorm, untied output head. A subclass may replace how image tokens are embedded and scored
+    (`init_image_token_embedding`, `embed_image_tokens`, `output_logits`)."""
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         kw = dict(dtype=DTYPES[cfg.dtype], param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
@@ -166,18 +133,8 @@ class Decoder(nnx.Module):
         self.scan_layers, self.remat = bool(cfg.scan_layers), str(cfg.remat)
         self.image_vocab_size = int(cfg.image_vocab_size)
         self.padded_vocab_size = padded_image_vocab_size(cfg.image_vocab_size, cfg.vocab_multiple)
-        self.code_features_width = code_features(cfg)
-        if self.code_features_width:
-            # Filled from the training images by the trainer, then never trained (see `image_token_features`).
-            self.code_features = nnx.Param(jnp.zeros((cfg.image_vocab_size + 1, self.code_features_width), jnp.float32))
-            self.embed_features = nnx.Linear(  # initialised like the embedding tables it stands for
-                self.code_features_width, cfg.d_model, use_bias=False, dtype=kw["dtype"],
-                param_dtype=kw["param_dtype"],
-                kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), (None, "embed")), rngs=rngs)
-            self.head_features = tl.dense(cfg.d_model, self.code_features_width, ("embed", None), **kw)
-        else:
-            self.embed_tokens = _embedding(cfg.image_vocab_size + 1, cfg.d_model, ("vocab", "embed"), **kw)
-        if image_positions(cfg) == "rows_cols":
+        self.init_image_token_embedding(cfg, kw)
+        if cfg.image_positions == "rows_cols":
             self.grid_side = int(round(cfg.image_length ** 0.5))
             self.embed_rows = _embedding(self.grid_side, cfg.d_model, ("length", "embed"), **kw)
             self.embed_cols = _embedding(self.grid_side, cfg.d_model, ("length", "embed"), **kw)
@@ -192,23 +149,24 @@ class Decoder(nnx.Module):
         self.final_ln = tl.layer_norm(cfg.d_model, **norm_kw)
         self.lm_head = tl.dense(cfg.d_model, self.padded_vocab_size, ("embed", "vocab"), **kw)
 
-    def image_token_features(self) -> jax.Array:
-        """(image_vocab_size + 1, width) fixed code features; gradients never reach them."""
-        return jax.lax.stop_gradient(self.code_features[...])
+    def init_image_token_embedding(self, cfg: ml_collections.ConfigDict, kw: dict) -> None:
+        """The parameters that embed image tokens (`kw`: dtype, param_dtype and rngs of the other layers)."""
+        self.embed_tokens = _embedding(cfg.image_vocab_size + 1, cfg.d_model, ("vocab", "embed"), **kw)
 
     def embed_image_tokens(self, ids: jax.Array) -> jax.Array:
-        if self.code_features_width:
-            return self.embed_features(self.image_token_features()[ids])
         return self.embed_tokens(ids)
 
     def output_logits(self, x: jax.Array) -> jax.Array:
         """Final LayerNorm and output head: (B, L, d_model) -> (B, L, padded_vocab_size) float32, columns that are
         not codebook indices pushed to MASKED_LOGIT."""
         x = self.final_ln(x)
-        logits = constrain(self.lm_head(x), ("batch", "length", "vocab")).astype(jnp.float32)
-        if self.code_features_width:
-            padded = features_per_column(self.image_token_features(), self.padded_vocab_size)
-            logits = logits + self.head_features(x).astype(jnp.float32) @ padded.T
+        return self.mask_non_codes(self.head_logits(x))
+
+    def head_logits(self, x: jax.Array) -> jax.Array:
+        """(B, L, d_model) normalised states -> (B, L, padded_vocab_size) float32 logits of every column."""
+        return constrain(self.lm_head(x), ("batch", "length", "vocab")).astype(jnp.float32)
+
+    def mask_non_codes(self, logits: jax.Array) -> jax.Array:
         is_codebook_index = jnp.arange(self.padded_vocab_size) < self.image_vocab_size
         return jnp.where(is_codebook_index, logits, MASKED_LOGIT)
 
@@ -231,9 +189,14 @@ class Decoder(nnx.Module):
 
 class DalleBart(nnx.Module):
     """Text ids -> image-token logits. `rngs` needs a "params" stream, and a "dropout" stream for training."""
+    decoder_class = Decoder
+
+    @classmethod
+    def validate_config(cls, cfg: ml_collections.ConfigDict) -> None:
+        validate_config(cfg)
 
     def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
-        validate_config(cfg)
+        self.validate_config(cfg)
         try:
             rngs["dropout"]
         except KeyError:
@@ -243,7 +206,7 @@ class DalleBart(nnx.Module):
         self.image_vocab_size = int(cfg.image_vocab_size)
         self.start_token = int(cfg.image_vocab_size)
         self.encoder = Encoder(cfg, rngs=rngs)
-        self.decoder = Decoder(cfg, rngs=rngs)
+        self.decoder = self.decoder_class(cfg, rngs=rngs)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -272,25 +235,6 @@ class DalleBart(nnx.Module):
         _check_ids("image_input_ids", image_input_ids, self.image_length, "image_length")
         encoder_states = self.encode(text_ids, deterministic=deterministic)
         return self.decode(image_input_ids, encoder_states, text_ids, deterministic=deterministic)
-
-
-def dense_equivalent(cfg: ml_collections.ConfigDict, params: dict) -> tuple[ml_collections.ConfigDict, dict]:
-    """A model config with `code_features` and its parameters (pure dict) -> the plain DalleBart config and
-    parameters that compute the same logits: embedding table = features @ embed kernel, output kernel += head
-    kernel @ features^T. Configs without code features come back unchanged."""
-    if not code_features(cfg):
-        return cfg, params
-    decoder = dict(params["decoder"])
-    features = jnp.asarray(decoder.pop("code_features"), jnp.float32)
-    embed_kernel = jnp.asarray(decoder.pop("embed_features")["kernel"], jnp.float32)
-    head_kernel = jnp.asarray(decoder.pop("head_features")["kernel"], jnp.float32)
-    lm_kernel = decoder["lm_head"]["kernel"]
-    padded = features_per_column(features, lm_kernel.shape[1])
-    decoder["embed_tokens"] = {"embedding": (features @ embed_kernel).astype(lm_kernel.dtype)}
-    decoder["lm_head"] = {"kernel": (jnp.asarray(lm_kernel, jnp.float32) + head_kernel @ padded.T).astype(lm_kernel.dtype)}
-    dense_cfg = ml_collections.ConfigDict(cfg.to_dict())
-    dense_cfg.code_features = 0
-    return dense_cfg, dict(params, decoder=decoder)
 
 
 def unrolled_equivalent(cfg: ml_collections.ConfigDict, params: dict) -> tuple[ml_collections.ConfigDict, dict]:

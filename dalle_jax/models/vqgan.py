@@ -17,9 +17,7 @@ from dalle_jax.models.quantizer import VectorQuantizer
 
 CONFIG_FIELDS = ("resolution", "in_channels", "out_channels", "ch", "ch_mult", "num_res_blocks",
                  "attn_resolutions", "z_channels", "embed_dim", "codebook_size", "beta", "l2_normalize_codes",
-                 "num_groups", "dropout", "dtype")
-# Fields that configs written before they existed may lack, with the value those configs meant.
-OPTIONAL_FIELDS = {"local_encoder": False}
+                 "num_groups", "dropout", "dtype", "local_encoder")
 
 
 def check_config(cfg: ml_collections.ConfigDict) -> None:
@@ -54,7 +52,7 @@ def local_encoder(cfg: ml_collections.ConfigDict) -> bool:
     picture's content, which makes them far easier for the seq2seq model to predict; with taming's encoder
     (whole-image convolutions, GroupNorm, mid-block attention) an object anywhere can change every code. The
     decoder is the same in both and sees the whole grid."""
-    return bool(cfg.get("local_encoder", OPTIONAL_FIELDS["local_encoder"]))
+    return bool(cfg.local_encoder)
 
 
 class _Level(nnx.Module):

@@ -30,7 +30,7 @@ from absl import app, flags, logging
 
 from dalle_jax import parallel, runs
 from dalle_jax.data import shapes_scene, token_records
-from dalle_jax.shapes import judge as judge_lib, report_file
+from dalle_jax.shapes import report_file
 from dalle_jax.models import dalle_bart
 
 TWINS = ("relation_reversed", "colors_exchanged", "shapes_exchanged")
@@ -88,7 +88,7 @@ def probe_split(loaded: runs.LoadedSeq2Seq, split: str = "test", *, max_examples
         if record["scene"] is None:
             raise ValueError(f"Record {i} of split {split!r} in {loaded.workdir!r} has no scene: its dataset is not "
                              "captioned_shapes, so it has no twin captions to probe.")
-        scene = judge_lib.scene_from_example(record["scene"])
+        scene = shapes_scene.scene_from_example(record["scene"])
         if len(scene["objects"]) == 2:
             scenes.append(scene)
             codes.append(np.asarray(record["codes"], np.int32))

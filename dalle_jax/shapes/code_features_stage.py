@@ -1,6 +1,8 @@
-"""Measures the codes' appearance features (`models/code_features.py`) for a run with `config.model.code_features`.
+"""Extension (`config.extensions`) of the seq2seq trainer: DalleBart with fixed per-code appearance features.
 
-The features come from the first MEASURED_IMAGES training images and their codes, as the encode stage wrote them
+Hooks (`dalle_jax/extensions.py`): `check_config`, `model_class` (`shapes/code_features_bart.py`) and `init_params`,
+which measures the features (`shapes/code_features.py`) for a run with `config.model.code_features` starting from
+scratch. The features come from the first MEASURED_IMAGES training images and their codes, as the encode stage wrote them
 (record i of the `train` records is example i of the dataset's `train` split). They are measured once, when a run
 starts from scratch, and then live in the checkpoints with the other parameters.
 """
@@ -8,20 +10,22 @@ from __future__ import annotations
 
 import logging
 
-import jax
 import ml_collections
 import numpy as np
 
 from dalle_jax.data import shapes_scene, sources
 from dalle_jax.shapes import code_features
-from dalle_jax.models import dalle_bart
+from dalle_jax.shapes.code_features_bart import CodeFeaturesBart
 
 MEASURED_IMAGES = 5000
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Fails before any work when code features are asked for where they cannot be measured."""
-    width = dalle_bart.code_features(config.model)
+    if "code_features" not in config.model:
+        raise ValueError("config.extensions lists dalle_jax.shapes.code_features_stage, but config.model has no "
+                         "code_features field; set config.model.code_features (0: off, 25: on).")
+    width = int(config.model.code_features)
     if not width:
         return
     if config.data.dataset != "captioned_shapes":
@@ -49,9 +53,12 @@ def measure(config: ml_collections.ConfigDict, train_records) -> np.ndarray:
     return features
 
 
-def with_code_features(state: dict, features: np.ndarray, shardings: dict) -> dict:
-    """`state` with its (freshly initialised) feature table replaced by `features`."""
-    params = dict(state["params"])
-    params["decoder"] = dict(params["decoder"],
-                             code_features=jax.device_put(features, shardings["params"]["decoder"]["code_features"]))
-    return dict(state, params=params)
+def model_class(model_config: ml_collections.ConfigDict) -> type:
+    return CodeFeaturesBart
+
+
+def init_params(config: ml_collections.ConfigDict, params: dict, train_records) -> dict:
+    """Fresh parameters with their feature table measured from the training images (none without features)."""
+    if not int(config.model.code_features):
+        return params
+    return dict(params, decoder=dict(params["decoder"], code_features=measure(config, train_records)))

@@ -57,7 +57,7 @@ def split_examples(workdir: str, split: str, max_examples: int | None = None) ->
             raise ValueError(f"Record {i} of split {split!r} in {workdir!r} has no scene: its dataset is not "
                              "captioned_shapes, so its images cannot be judged. Evaluate a --prompts_file of "
                              "{\"prompt\", \"scene\"} lines instead.")
-        examples.append(Example(record["captions"][0], judge_lib.scene_from_example(record["scene"])))
+        examples.append(Example(record["captions"][0], shapes_scene.scene_from_example(record["scene"])))
     return examples
 
 
@@ -73,7 +73,7 @@ def read_prompts_file(path: str, max_examples: int | None = None) -> list[Exampl
                 continue
             try:
                 entry = json.loads(line)
-                prompt, scene = entry["prompt"], judge_lib.scene_from_example(entry["scene"])
+                prompt, scene = entry["prompt"], shapes_scene.scene_from_example(entry["scene"])
             except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
                 raise ValueError(f"{path}:{number} is not a {{\"prompt\": str, \"scene\": scene}} JSON object with "
                                  f"a captioned_shapes scene ({type(e).__name__}: {e}).") from e
@@ -110,7 +110,7 @@ def one_object_pairs(examples: Sequence[Example], judgements: Sequence[judge_lib
     order (the order of `shapes_scene.COLORS` and `SHAPES`)."""
     by_pair = {}
     for example, judgement in zip(examples, judgements):
-        scene = judge_lib.scene_from_example(example.scene)
+        scene = shapes_scene.scene_from_example(example.scene)
         if len(scene["objects"]) == 1:
             obj = scene["objects"][0]
             by_pair.setdefault((obj["color"], obj["shape"]), []).append(judgement)

@@ -158,47 +158,6 @@ def relation_holds(relation: str, center0, center1, image_size: int) -> bool:
     return checks[relation]
 
 
-def _decode_name(value, names: tuple[str, ...], field: str) -> str:
-    if isinstance(value, bytes):
-        value = value.decode("utf-8")
-    if isinstance(value, str):
-        if value not in names:
-            raise ValueError(f"{field}={value!r} is not one of {names}.")
-        return value
-    index = int(value)
-    if not 0 <= index < len(names):
-        raise ValueError(f"{field}={index} is out of range for the {len(names)} names {names}.")
-    return names[index]
-
-
-def scene_from_example(example: Mapping) -> dict:
-    """A scene dict from a decoded captioned_shapes example (ClassLabel ids or names, objects as columns).
-
-    A scene already in the shapes_scene form (objects as a list of dicts) is validated and returned as one.
-    """
-    objects = example["objects"]
-    if isinstance(objects, Mapping):
-        count = len(objects["color"])
-        objects = [{key: objects[key][i] for key in objects} for i in range(count)]
-    fields = {
-        "color": tuple(shapes_scene.COLORS),
-        "shape": shapes_scene.SHAPES,
-        "size": shapes_scene.SIZES,
-        "cell": shapes_scene.CELLS,
-    }
-    scene_objects = []
-    for obj in objects:
-        decoded = {key: _decode_name(obj[key], names, key) for key, names in fields.items()}
-        decoded["box"] = tuple(int(v) for v in obj["box"])
-        scene_objects.append(decoded)
-    if len(scene_objects) not in (1, 2):
-        raise ValueError(f"a scene has 1 or 2 objects, got {len(scene_objects)}.")
-    relation = _decode_name(example.get("relation", "none"), shapes_scene.RELATIONS, "relation")
-    if (relation == "none") != (len(scene_objects) == 1):
-        raise ValueError(f"relation={relation!r} does not fit a scene of {len(scene_objects)} object(s).")
-    return {"objects": scene_objects, "relation": relation}
-
-
 def default_attributes(scene: dict) -> frozenset[str]:
     """What the canonical caption states: colour, shape, size and cell of one object, or the colours,
     shapes and relation of two."""
@@ -214,7 +173,7 @@ def judge(image: np.ndarray, scene: Mapping, attributes: Iterable[str] | None = 
     the canonical caption. Colour and shape are always judged.
     """
     image = _check_image(image)
-    scene = scene_from_example(scene)
+    scene = shapes_scene.scene_from_example(scene)
     judged = default_attributes(scene) if attributes is None else frozenset(attributes) | {"color", "shape"}
     unknown = judged - set(ATTRIBUTES)
     if unknown:

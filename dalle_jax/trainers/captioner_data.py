@@ -15,11 +15,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from dalle_jax.data import shapes_scene, text as text_lib, token_records
-from dalle_jax.shapes import caption_probe, judge as judge_lib
+from dalle_jax.data import text as text_lib, token_records
 from dalle_jax import runs
-
-TWIN_CAPTIONS = 1 + len(caption_probe.TWINS)  # the canonical caption, then each twin
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,8 +24,10 @@ class CaptionedPictures:
     images: np.ndarray  # uint8 (N, H, W, 3) pictures, or int32 (N, image_length) codes when not decoded
     captions: np.ndarray  # int32 (N, C, text_length): each record's captions, the first repeated to fill C
     caption_counts: np.ndarray  # int32 (N,): how many of the C rows are distinct captions
-    twins: np.ndarray  # int32 (N, TWIN_CAPTIONS, text_length): canonical caption and its twins (two-object scenes)
-    twin_rows: np.ndarray  # bool (N, TWIN_CAPTIONS): which twins exist (all False for other records)
+    # int32 (N, T, text_length): a record's canonical caption, then captions that differ from it only in which
+    # object is which (its twins), from an extension's `contrast_captions` hook; T is at least 1.
+    twins: np.ndarray
+    twin_rows: np.ndarray  # bool (N, T): which twins exist (all False for records without twins)
 
     @functools.cached_property
     def longest_caption(self) -> int:
@@ -47,9 +46,9 @@ def decode_fn(vqgan):
 
 
 def load_split(encoded_dir: str, split: str, decode, tokenizer, text_length: int, *, max_examples: int | None = None,
-               batch_size: int = 1000, progress: bool = True) -> CaptionedPictures:
+               batch_size: int = 1000, progress: bool = True, contrast_captions=None) -> CaptionedPictures:
     """The first `max_examples` (default: all) records of `split`, decoded `batch_size` at a time (`decode` None:
-    their codes, undecoded)."""
+    their codes, undecoded); `contrast_captions(record)` (None: no record has any) gives each one's twins."""
     if not os.path.exists(os.path.join(encoded_dir, token_records.MANIFEST)):
         raise FileNotFoundError(
             f"{encoded_dir} holds no encoded records: the caption model learns from a seq2seq run trained by this "
@@ -61,13 +60,15 @@ def load_split(encoded_dir: str, split: str, decode, tokenizer, text_length: int
     most = max(len(r["captions"]) for r in records)
     captions = np.full((count, most, text_length), text_lib.PAD_ID, np.int32)
     counts = np.zeros((count,), np.int32)
-    twins = np.full((count, TWIN_CAPTIONS, text_length), text_lib.PAD_ID, np.int32)
-    twin_rows = np.zeros((count, TWIN_CAPTIONS), bool)
+    contrasts = [contrast_captions(r) if contrast_captions else [] for r in records]
+    width = max([1] + [len(c) for c in contrasts])
+    twins = np.full((count, width, text_length), text_lib.PAD_ID, np.int32)
+    twin_rows = np.zeros((count, width), bool)
     for i, record in enumerate(records):
         texts = list(record["captions"])
         counts[i] = len(texts)
         captions[i] = tokenizer.encode_batch(texts + texts[:1] * (most - len(texts)), text_length)
-        for j, caption in enumerate(_twin_captions(record.get("scene"))):
+        for j, caption in enumerate(contrasts[i]):
             if caption is not None:
                 twins[i, j] = tokenizer.encode(caption, text_length)
                 twin_rows[i, j] = True
@@ -76,17 +77,6 @@ def load_split(encoded_dir: str, split: str, decode, tokenizer, text_length: int
         range(0, count, batch_size), desc=f"decoding {split}", unit="batch", disable=not progress)])
     return CaptionedPictures(images=images, captions=captions, caption_counts=counts, twins=twins,
                              twin_rows=twin_rows)
-
-
-def _twin_captions(scene_example) -> list[str | None]:
-    """The canonical caption and its twins for a two-object captioned_shapes scene; nothing for other records."""
-    if scene_example is None:
-        return []
-    scene = judge_lib.scene_from_example(scene_example)
-    if len(scene["objects"]) != 2:
-        return []
-    return [shapes_scene.canonical_caption(scene)] + [caption_probe.twin_caption(scene, t)
-                                                      for t in caption_probe.TWINS]
 
 
 def train_batch(data: CaptionedPictures, seed: int, step: int, batch_size: int) -> dict:

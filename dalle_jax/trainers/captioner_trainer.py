@@ -17,13 +17,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from dalle_jax import parallel
+from dalle_jax import extensions, parallel
 from dalle_jax import runs
-from dalle_jax.data import shapes_scene, token_records
+from dalle_jax.data import token_records
 from dalle_jax.models import captioner as captioner_lib
-from dalle_jax.shapes import code_features
 from dalle_jax.trainers import captioner_data, captioner_step
-from dalle_jax.shapes import code_features_stage
 from dalle_jax.training import checkpointing, loop, metrics as metrics_lib
 from dalle_jax.training.progress import Progress
 
@@ -35,6 +33,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     if not config.seq2seq_workdir:
         raise ValueError("config.seq2seq_workdir is empty: pass the work directory of a trained seq2seq run, e.g. "
                          "--config.seq2seq_workdir=runs/dalle.")
+    extensions.check_config(config)
     seq2seq_config = runs.read_config(config.seq2seq_workdir, "seq2seq")
     tokenizer = runs.load_tokenizer(config.seq2seq_workdir)
     mesh = parallel.make_mesh(config.mesh)
@@ -50,8 +49,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     reads_codes = captioner_lib.reads(config.model) == "code_features"
     decode = None if reads_codes else captioner_data.decode_fn(vqgan)
     length = config.model.text_length
+    contrast_captions = extensions.one_hook(config, "contrast_captions")
     train_data = captioner_data.load_split(encoded_dir, "train", decode, tokenizer, length,
-                                           max_examples=None if config.train_examples < 0 else config.train_examples)
+                                           max_examples=None if config.train_examples < 0 else config.train_examples,
+                                           contrast_captions=contrast_captions)
 
     # 3. State, or the newest checkpoint's.
     cadence = loop.Cadence.from_config(config, stop_after)
@@ -63,7 +64,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     if start >= cadence.last_step and not cadence.finishes_run:
         return None
     if start == 0 and reads_codes:  # a fresh run measures its codes' appearance on the seq2seq run's images
-        features = code_features_stage.measure(seq2seq_config, token_records.open_split(encoded_dir, "train"))
+        features = extensions.one_hook(config, "code_feature_table")(
+            seq2seq_config, token_records.open_split(encoded_dir, "train"))
         state = dict(state, params=dict(state["params"], code_features=jax.device_put(
             features, shardings["params"]["code_features"])))
     writer = metrics_lib.MetricsWriter(workdir)
@@ -78,7 +80,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     @functools.cache  # each evaluation split is read and decoded once, however often it is evaluated
     def eval_data(split: str) -> captioner_data.CaptionedPictures:
         return captioner_data.load_split(encoded_dir, split, decode, tokenizer, length,
-                                         max_examples=config.eval_examples, progress=False)
+                                         max_examples=config.eval_examples, progress=False,
+                                         contrast_captions=contrast_captions)
 
     def evaluate_split(params, split: str) -> dict:
         return _evaluate(eval_step, params, eval_data(split), config.eval_batch_size, mesh)
@@ -126,11 +129,13 @@ def with_seq2seq_shapes(config, seq2seq_config, tokenizer, vqgan) -> ml_collecti
     config.model.image_vocab_size = int(seq2seq_config.model.image_vocab_size)
     config.model.code_features = 0
     if captioner_lib.reads(config.model) == "code_features":
-        if seq2seq_config.data.dataset != "captioned_shapes":
-            raise ValueError(f"config.model.reads='code_features' describes codes by the captioned_shapes palette, "
-                             f"but the seq2seq run {config.seq2seq_workdir!r} learned from "
-                             f"{seq2seq_config.data.dataset!r}; set --config.model.reads=pixels.")
-        config.model.code_features = code_features.palette_width(len(shapes_scene.COLORS))
+        width = extensions.one_hook(config, "code_feature_width")
+        if width is None or extensions.one_hook(config, "code_feature_table") is None:
+            raise ValueError("config.model.reads='code_features' needs an extension that measures the codes' "
+                             "features (hooks code_feature_width and code_feature_table), and config.extensions="
+                             f"{tuple(config.extensions)} lists none; add one (e.g. "
+                             "'dalle_jax.shapes.captioner_code_features') or set --config.model.reads=pixels.")
+        config.model.code_features = width(seq2seq_config)
     config.tokenizer_sha256 = runs.tokenizer_fingerprint(config.seq2seq_workdir)
     return config
 

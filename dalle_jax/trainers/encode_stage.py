@@ -29,8 +29,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dalle_jax import parallel
-from dalle_jax.data import pipeline, sources, token_records
-from dalle_jax.shapes import judge
+from dalle_jax.data import pipeline, shapes_scene, sources, token_records
 from dalle_jax.runs import LoadedVQGAN
 from dalle_jax.training import gan_losses
 
@@ -348,7 +347,7 @@ def _record_fields(example, text_key: str, paraphrases: bool, scenes: bool) -> d
     if paraphrases:
         captions += [pipeline.as_text(p) for p in example["paraphrases"]]
     # captioned_shapes lists the canonical caption among the paraphrases too; each caption is kept once.
-    return dict(captions=list(dict.fromkeys(captions)), scene=judge.scene_from_example(example) if scenes else None)
+    return dict(captions=list(dict.fromkeys(captions)), scene=shapes_scene.scene_from_example(example) if scenes else None)
 
 
 def _encode_shard(path: str, batches, encode, bar) -> None:

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dalle_jax.models import dalle_bart, vqgan
 from dalle_jax.training import checkpointing
 from dalle_jax import runs
 
@@ -25,8 +24,6 @@ from dalle_jax import runs
 FREE_MODEL_FIELDS = {"seq2seq": ("dtype", "param_dtype", "remat", "dropout"), "vqgan": ("dtype", "dropout")}
 # The text tokenizer's files: a seq2seq model's text embeddings only mean something with the ids they came from.
 TOKENIZER_FILES = ("tokenizer.model", "vocab.json", "merges.txt")
-# Model fields added after the first releases, with the value that a config.json written before them means.
-FIELD_DEFAULTS = {"seq2seq": dalle_bart.OPTIONAL_FIELDS, "vqgan": vqgan.OPTIONAL_FIELDS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +41,7 @@ def find_start(config: ml_collections.ConfigDict, workdir: str) -> Start | None:
     steps = checkpointing.checkpoint_steps(workdir)
     trained = checkpointing.training_steps(directory, steps)
     imported = [s for s in steps if s not in trained]
-    source = config.get("init_from", "")
+    source = config.init_from
     if trained:  # a started run resumes; where its first parameters came from no longer matters
         return None
     if source and imported:
@@ -88,9 +85,6 @@ def check_matches(config: ml_collections.ConfigDict, source_config: ml_collectio
                             "this dalle_jax version that has it.")
             continue
         problems += _mismatch(name, config.model[name], theirs, where)
-    for name, default in sorted(FIELD_DEFAULTS.get(config.trainer, {}).items()):
-        if name in config.model and name not in source_config.model:
-            problems += _mismatch(name, config.model[name], default, f"{where}, written before the field existed,")
     if problems:
         raise ValueError(f"The config does not build the architecture of the weights in {source!r}:\n  "
                          + "\n  ".join(problems))

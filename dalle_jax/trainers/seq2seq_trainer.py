@@ -16,10 +16,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from dalle_jax import parallel
+from dalle_jax import extensions, parallel
 from dalle_jax.data import pipeline, token_records
 from dalle_jax.models import dalle_bart
-from dalle_jax.shapes import code_features_stage
 from dalle_jax.trainers import encode_stage, seq2seq_samples, seq2seq_step, text_stage
 from dalle_jax import runs
 from dalle_jax.training import checkpointing, loop, metrics as metrics_lib, throughput
@@ -34,8 +33,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     if not config.vqgan_workdir:
         raise ValueError("config.vqgan_workdir is empty: pass the work directory of a trained VQGAN, e.g. "
                          "--config.vqgan_workdir=runs/vqgan.")
-    seq2seq_step.check_config(config)
-    code_features_stage.check_config(config)
+    seq2seq_step.check_config(config)  # with the checks of config.extensions
     begin = init_from.find_start(config, workdir)  # imported weights or config.init_from, checked against config
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_global_batch(config.data.batch_size, mesh)
@@ -53,7 +51,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     tokenizer = text_stage.prepare_tokenizer(config, workdir, _all_captions(train_source))
     train_captions = pipeline.caption_and_codes(
         tokenizer, config.model.text_length, random_caption=True, canonical_prob=config.data.canonical_caption_prob,
-        left_or_above_examples=seq2seq_step.left_or_above_caption_steps(config) * config.data.batch_size)
+        train_caption=_train_caption(config))
     train_iter = pipeline.train_iterator(
         train_source, None, global_batch=config.data.batch_size, seed=config.seed,
         read_threads=config.data.read_threads, prefetch=config.data.prefetch, random_transform=train_captions)
@@ -69,9 +67,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     else:
         state, start = checkpointing.restore_or_keep(checkpointer, state, shardings, train_iter,
                                                      fall_back=config.faults.restore_fallback)
-        if start == 0 and dalle_bart.code_features(config.model):  # a fresh run measures its codes' appearance
-            state = code_features_stage.with_code_features(
-                state, code_features_stage.measure(config, train_source), shardings)
+        if start == 0:  # a fresh run: extensions may set parameters (e.g. measured from the training images)
+            for init_params in extensions.hooks(config, "init_params"):
+                state = dict(state, params=jax.device_put(init_params(config, state["params"], train_source),
+                                                          shardings["params"]))
     if start >= cadence.last_step and not cadence.finishes_run:
         return None
     writer = metrics_lib.MetricsWriter(workdir)
@@ -135,6 +134,12 @@ def batch_shapes(config: ml_collections.ConfigDict) -> dict:
     b = config.data.batch_size
     return dict(text_ids=jax.ShapeDtypeStruct((b, config.model.text_length), np.int32),
                 codes=jax.ShapeDtypeStruct((b, config.model.image_length), np.int32))
+
+
+def _train_caption(config):
+    """The caption override of the one extension that gives one (`train_caption` hook), or None."""
+    hook = extensions.one_hook(config, "train_caption")
+    return None if hook is None else hook(config)
 
 
 def _describe_vqgan(vqgan_workdir: str):

@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 
 from dalle_jax.data import image_grid as images
-from dalle_jax import parallel
+from dalle_jax import extensions, parallel
 from dalle_jax.data import captioned_folder, pipeline, sources
 from dalle_jax.models import quantizer as vq
 from dalle_jax.trainers import vqgan_step
@@ -30,7 +30,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     call resumes from there. It returns None then, and also when SIGTERM or SIGINT stopped it (after checkpointing
     the current step).
     """
-    # 1. Devices and the run's record.
+    # 1. Devices, the extensions' checks and the run's record.
+    extensions.check_config(config)
     begin = init_from.find_start(config, workdir)  # imported weights or config.init_from, checked against config
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_global_batch(config.data.batch_size, mesh)
@@ -88,9 +89,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         writer.close()
         return None
 
-    # 6. Final figures on the test split, judged against each image's scene where the dataset has scenes.
+    # 6. Final figures on the test split, with those of the extensions' `evaluate_reconstructions`.
     final_split = "test" if "test" in builder.info.splits else "validation"  # captioned_folder has no test split
-    final, _ = evaluate(state["params"], final_split, -1, judge=True)
+    final, _ = evaluate(state["params"], final_split, -1, final=True)
     writer.write_scalars(config.num_steps, {f"test/{k}": v for k, v in final.items()})
     writer.close()
     if jax.process_index() == 0:
@@ -112,9 +113,11 @@ def batch_shapes(config: ml_collections.ConfigDict) -> dict:
     return dict(image=jax.ShapeDtypeStruct((config.data.batch_size, size, size, 3), np.uint8))
 
 
-def _evaluate(setup, eval_step, mesh, builder, transform, params, split: str, num_batches: int, judge: bool = False):
-    """Reconstruction figures over a split: loss, PSNR, codebook usage and perplexity (and judge accuracy)."""
+def _evaluate(setup, eval_step, mesh, builder, transform, params, split: str, num_batches: int, final: bool = False):
+    """Reconstruction figures over a split: loss, PSNR, codebook usage and perplexity (`final`: and the figures of
+    the extensions' `evaluate_reconstructions`)."""
     config = setup.config
+    evaluators = extensions.hooks(config, "evaluate_reconstructions") if final else []
     source = sources.open_split(builder, split, config.data)
     batches = pipeline.eval_batches(source, transform, global_batch=config.data.eval_batch_size,
                                     num_batches=num_batches, read_threads=config.data.read_threads)
@@ -131,22 +134,14 @@ def _evaluate(setup, eval_step, mesh, builder, transform, params, split: str, nu
             originals = np.asarray(local["image"])[:n] if jax.process_count() == 1 else None
             shown = out["reconstructions"][:n] if originals is None else np.concatenate(
                 [originals, out["reconstructions"][:n]])
-        if judge:
+        if evaluators:
             reconstructions.append(out["reconstructions"])
     figures = dict(reconstruction=float(np.mean(losses)), psnr=psnr_sum / count,
                    codebook_usage=float(np.mean(counts > 0)),
                    codebook_perplexity=float(vq.perplexity_from_counts(counts)),
                    codebook_size=float(config.model.codebook_size), examples=float(count))
-    if judge and config.data.dataset == "captioned_shapes":
-        figures.update(_judge_reconstructions(source, np.concatenate(reconstructions)))
+    for evaluate_reconstructions in evaluators:
+        figures.update(evaluate_reconstructions(config, source, np.concatenate(reconstructions)))
     grid = images.image_grid(shown, columns=min(config.num_recon_images, shown.shape[0]))
     return figures, grid
 
-
-def _judge_reconstructions(source, reconstructions: np.ndarray) -> dict:
-    from dalle_jax.shapes import judge
-    if jax.process_count() > 1:
-        return {}  # Reconstructions of other processes' examples are not gathered here.
-    results = [judge.judge(image, judge.scene_from_example(source[i])) for i, image in enumerate(reconstructions)]
-    summary = judge.aggregate(results)
-    return {f"judge_{k}": v for k, v in summary.items()}

@@ -36,7 +36,7 @@ def make_optimizer(opt_cfg, total_steps: int, peak: float | None = None) -> opta
     (default `opt_cfg.learning_rate`)."""
     schedule = learning_rate_schedule(opt_cfg.learning_rate if peak is None else peak, opt_cfg.warmup_steps,
                                       total_steps, opt_cfg.schedule)
-    name = opt_cfg.get("name", "adamw")
+    name = opt_cfg.name
     parts = [optax.clip_by_global_norm(opt_cfg.grad_clip)] if opt_cfg.grad_clip > 0 else []
     if name == "adamw":
         parts.append(optax.adamw(schedule, b1=opt_cfg.b1, b2=opt_cfg.b2, weight_decay=opt_cfg.weight_decay,

@@ -63,7 +63,7 @@ def test_features_and_split_sizes(builder, splits):
 def test_examples_match_their_scene(splits):
     for split, examples in splits.items():
         for index, example in enumerate(examples):
-            scene = judge.scene_from_example(example)
+            scene = ss.scene_from_example(example)
             image = example["image"]
             assert image.dtype == np.uint8 and image.shape == (32, 32, 3)
             # Records are stored in index order and decode to the rendering of their own scene.
@@ -82,7 +82,7 @@ def test_examples_match_their_scene(splits):
 def test_held_out_pairs_follow_the_split(splits):
     for split, examples in splits.items():
         for example in examples:
-            pairs = {(o["color"], o["shape"]) for o in judge.scene_from_example(example)["objects"]}
+            pairs = {(o["color"], o["shape"]) for o in ss.scene_from_example(example)["objects"]}
             if split == "test_compositional":
                 assert pairs & set(ss.HELD_OUT), pairs
             else:

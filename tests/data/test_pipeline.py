@@ -111,17 +111,12 @@ def test_random_transforms_see_each_examples_position_in_the_stream():
         np.testing.assert_array_equal(next(it)["at"], np.arange(4 * step, 4 * step + 4))
 
 
-def test_two_object_scenes_take_their_left_or_above_caption_early_in_training():
-    transform = pipeline.caption_and_codes(_WordTokenizer(), 8, random_caption=True, canonical_prob=1.0,
-                                           left_or_above_examples=64)
-    objects = [{"color": "red", "shape": "circle"}, {"color": "blue", "shape": "square"}]
-    two = {"captions": ["a red circle below a blue square", "p1"], "codes": [1],
-           "scene": {"objects": objects, "relation": "below"}}
-    one = {"captions": ["a small red circle in the top left"], "codes": [1],
-           "scene": {"objects": objects[:1], "relation": "none"}}
+def test_a_train_caption_override_replaces_the_draw_where_it_gives_one():
+    transform = pipeline.caption_and_codes(
+        _WordTokenizer(), 8, random_caption=True, canonical_prob=1.0,
+        train_caption=lambda example: "override" if example[pipeline.STREAM_INDEX] < 2 else None)
+    example = {"captions": ["canonical", "p1"], "codes": [1]}
     rng = np.random.default_rng(0)
-    at = lambda example, position: transform({**example, pipeline.STREAM_INDEX: position}, rng)["text_ids"]
-    assert at(two, 0) == at(two, 63) == "a blue square above a red circle"
-    assert at(two, 64) == "a red circle below a blue square"  # afterwards: the usual draw (canonical, here)
-    assert at(one, 0) == "a small red circle in the top left"
-    assert at({"captions": ["a photo"], "codes": [1], "scene": None}, 0) == "a photo"  # datasets without scenes
+    at = lambda position: transform({**example, pipeline.STREAM_INDEX: position}, rng)["text_ids"]
+    assert at(0) == at(1) == "override"
+    assert at(2) == "canonical"  # no override: the usual draw (canonical, here)

@@ -140,23 +140,6 @@ def test_canonical_captions():
     assert ss.canonical_caption(two) == "a red circle to the left of a blue square"
 
 
-@pytest.mark.parametrize("relation, expected", [
-    ("to the left of", "a red circle to the left of a blue square"),
-    ("above", "a red circle above a blue square"),
-    ("to the right of", "a blue square to the left of a red circle"),
-    ("below", "a blue square above a red circle"),
-])
-def test_left_or_above_captions_name_the_left_or_upper_object_first(relation, expected):
-    scene = {"objects": [{"color": "red", "shape": "circle", "size": "small", "cell": "left", "box": (0, 0, 8, 8)},
-                         {"color": "blue", "shape": "square", "size": "large", "cell": "right", "box": (9, 9, 23, 23)}],
-             "relation": relation}
-    assert ss.left_or_above_caption(scene) == expected
-    with pytest.raises(ValueError, match="two-object scene"):
-        ss.left_or_above_caption({"objects": scene["objects"][:1], "relation": "none"})
-    with pytest.raises(ValueError, match="relation='near'"):
-        ss.left_or_above_caption(dict(scene, relation="near"))
-
-
 def _mentioned_facts(caption):
     """Colours, shapes, sizes and cells a caption names (relation phrases removed before cells)."""
     text = caption

@@ -24,7 +24,7 @@ def dalle_config(**fields) -> ml_collections.ConfigDict:
 def _rngs(model_cls):
     # "rbg" keys compile much faster than threefry on CPU; the parameters are replaced anyway.
     key = jax.random.key(0, impl="rbg")
-    return nnx.Rngs(params=key, dropout=key) if model_cls is DalleBart else nnx.Rngs(params=key)
+    return nnx.Rngs(params=key, dropout=key) if issubclass(model_cls, DalleBart) else nnx.Rngs(params=key)
 
 
 def abstract_params(model_cls, cfg):

@@ -171,18 +171,3 @@ def test_vqgan_checks_name_fields_and_refuse_a_decode_only_source():
     source.decode_only, source.trainer = False, "seq2seq"
     with pytest.raises(ValueError, match="'seq2seq' trainer"):
         init_from.check_matches(config, source, "src")
-
-
-def test_a_source_written_before_a_model_field_existed_means_its_default():
-    config = shapes_dalle.get_config()  # code features (25) and row + column positions
-    source = ml_collections.ConfigDict(json.loads(config.to_json()))
-    init_from.check_matches(config, source, "src")
-    del source.model["code_features"], source.model["image_positions"]
-    with pytest.raises(ValueError) as err:
-        init_from.check_matches(config, source, "src")
-    message = str(err.value)
-    assert "config.model.code_features=25 but the weights in 'src' (its config.json), written before the field " \
-           "existed, have 0: pass --config.model.code_features=0" in message
-    assert "pass --config.model.image_positions=flat" in message
-    config.model.code_features, config.model.image_positions = 0, "flat"  # the values such a source was built with
-    init_from.check_matches(config, source, "src")

@@ -82,8 +82,8 @@ def test_min_dalle_files_round_trip_exactly(tmp_path, scan_layers):
             np.testing.assert_array_equal(v, reference[k].numpy(), err_msg=k)
 
 
-@pytest.mark.parametrize("encoder_layers", [2, 0])
-def test_export_loads_strictly_into_min_dalle_and_reimports_exactly(tmp_path, encoder_layers):
+def test_export_loads_strictly_into_min_dalle_and_reimports_exactly(tmp_path):
+    encoder_layers = 2
     cfg = dalle_config(text_vocab_size=64, text_length=16, image_vocab_size=60, image_length=256, d_model=32,
                        encoder_layers=encoder_layers, decoder_layers=2, heads=4, ffn_dim=48, vocab_multiple=16)
     params = random_params(DalleBart, cfg, seed=5)

@@ -15,7 +15,8 @@ from dalle_jax.models.vqgan import VQGAN
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
     cfg = dict(resolution=16, in_channels=3, out_channels=3, ch=16, ch_mult=(1, 2), num_res_blocks=1,
                attn_resolutions=(8,), z_channels=8, embed_dim=4, codebook_size=32, beta=0.25,
-               l2_normalize_codes=False, num_groups=4, dropout=0.0, dtype="float32")
+               l2_normalize_codes=False, num_groups=4, dropout=0.0, dtype="float32",
+               local_encoder=False)
     cfg.update(overrides)
     return ml_collections.ConfigDict(cfg)
 

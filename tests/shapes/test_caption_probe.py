@@ -7,8 +7,8 @@ import pytest
 from absl import app, flags
 
 from dalle_jax import runs
-from dalle_jax.data import token_records
-from dalle_jax.shapes import caption_probe as probe, judge
+from dalle_jax.data import shapes_scene, token_records
+from dalle_jax.shapes import caption_probe as probe
 from dalle_jax.trainers import seq2seq_step
 from tests.inference.test_text_to_image import sampling_workdir
 
@@ -61,7 +61,7 @@ def test_likelihoods_agree_with_the_trainers_evaluation_loss(loaded):
 
 def test_report_counts_every_two_object_scene_once_per_twin(loaded):
     report = probe.probe_split(loaded, "test", batch_size=3)
-    scenes = [judge.scene_from_example(r["scene"]) for r in _records(loaded)]
+    scenes = [shapes_scene.scene_from_example(r["scene"]) for r in _records(loaded)]
     two = [s for s in scenes if len(s["objects"]) == 2]
     assert two, "the tiny test split should hold two-object scenes"
     assert report["split"] == "test" and report["step"] == loaded.step and set(report["twins"]) == set(probe.TWINS)
@@ -91,7 +91,7 @@ def test_command_line_writes_the_report_and_names_bad_flags(sampling_workdir, lo
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     with pytest.raises(app.UsageError, match="--max_examples=0 must be at least 1"):
         run(f"--out={out}", "--max_examples=0")
-    scenes = [judge.scene_from_example(r["scene"]) for r in _records(loaded, "test_compositional")]
+    scenes = [shapes_scene.scene_from_example(r["scene"]) for r in _records(loaded, "test_compositional")]
     leading_single = next(i for i, scene in enumerate(scenes) if len(scene["objects"]) == 2)
     assert leading_single >= 1, "the tiny test_compositional split starts with single objects"
     with pytest.raises(ValueError, match="hold no two-object scene"):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from dalle_jax.shapes import code_features
-from dalle_jax.models import dalle_bart
-from dalle_jax.models.dalle_bart import DalleBart, teacher_forcing_inputs, validate_config
+from dalle_jax.shapes.code_features_bart import CodeFeaturesBart
+from dalle_jax.models.dalle_bart import DalleBart, teacher_forcing_inputs
 from dalle_jax.training import optimizers
 from tests.interop.helpers import model_with, random_params
 from tests.models.test_cached_decoding import CODEBOOK, IMAGE_TOKENS, TEXT, make_cfg, teacher_forced_and_cached
@@ -65,7 +65,7 @@ def test_bad_images_or_codes_are_refused():
     with pytest.raises(ValueError, match=r"images must be \(N, S, S, 3\)"):
         code_features.palette_code_features(images[..., 0], codes, 5, PALETTE, BACKGROUND)
     with pytest.raises(ValueError, match="code_features=-1 must be 0"):
-        validate_config(make_cfg(code_features=-1))
+        CodeFeaturesBart.validate_config(make_cfg(code_features=-1))
 
 
 def featured_cfg(**overrides):
@@ -75,7 +75,7 @@ def featured_cfg(**overrides):
 @pytest.mark.parametrize("scan", [True, False])
 def test_cached_steps_equal_teacher_forced_decode(scan):
     cfg = featured_cfg(scan_layers=scan)
-    model = model_with(DalleBart, cfg, random_params(DalleBart, cfg, seed=2))
+    model = model_with(CodeFeaturesBart, cfg, random_params(CodeFeaturesBart, cfg, seed=2))
     inputs = np.asarray(teacher_forcing_inputs(jnp.asarray(IMAGE_TOKENS), CODEBOOK))
     expected, cached, _, _ = teacher_forced_and_cached(model, TEXT, inputs)
     np.testing.assert_allclose(cached, expected, atol=1e-4, rtol=1e-4)
@@ -85,26 +85,27 @@ def test_cached_steps_equal_teacher_forced_decode(scan):
 
 def test_dense_equivalent_computes_the_same_logits():
     cfg = featured_cfg()
-    params = random_params(DalleBart, cfg, seed=4)
-    dense_cfg, dense_params = dalle_bart.dense_equivalent(cfg, params)
-    assert dalle_bart.code_features(dense_cfg) == 0 and dalle_bart.code_features(cfg) == WIDTH
+    params = random_params(CodeFeaturesBart, cfg, seed=4)
+    dense_cfg, dense_params = CodeFeaturesBart.dense_equivalent(cfg, params)
+    assert "code_features" not in dense_cfg and cfg.code_features == WIDTH
     assert "code_features" not in dense_params["decoder"]
     assert dense_params["decoder"]["embed_tokens"]["embedding"].shape == (CODEBOOK + 1, cfg.d_model)
     inputs = teacher_forcing_inputs(jnp.asarray(IMAGE_TOKENS), CODEBOOK)
-    featured = model_with(DalleBart, cfg, params)(jnp.asarray(TEXT), inputs)
+    featured = model_with(CodeFeaturesBart, cfg, params)(jnp.asarray(TEXT), inputs)
     dense = model_with(DalleBart, dense_cfg, jax.tree.map(np.asarray, dense_params))(jnp.asarray(TEXT), inputs)
     np.testing.assert_allclose(dense, featured, atol=1e-4, rtol=1e-4)
-    again_cfg, again_params = dalle_bart.dense_equivalent(dense_cfg, dense_params)
-    assert again_cfg is dense_cfg and again_params is dense_params
+    plain_cfg = make_cfg(code_features=0)
+    again_cfg, again_params = CodeFeaturesBart.dense_equivalent(plain_cfg, dense_params)
+    assert again_cfg.to_dict() == dense_cfg.to_dict() and again_params is dense_params
 
 
 def test_features_get_no_gradient_and_no_weight_decay():
     cfg = featured_cfg()
-    params = jax.tree.map(jnp.asarray, random_params(DalleBart, cfg, seed=5))
+    params = jax.tree.map(jnp.asarray, random_params(CodeFeaturesBart, cfg, seed=5))
     inputs = teacher_forcing_inputs(jnp.asarray(IMAGE_TOKENS), CODEBOOK)
 
     def loss(p):
-        return jnp.mean(model_with(DalleBart, cfg, p)(jnp.asarray(TEXT), inputs) ** 2)
+        return jnp.mean(model_with(CodeFeaturesBart, cfg, p)(jnp.asarray(TEXT), inputs) ** 2)
 
     grads = jax.grad(loss)(params)
     assert float(jnp.abs(grads["decoder"]["code_features"]).max()) == 0.0

@@ -31,7 +31,7 @@ def test_split_examples_are_the_canonical_captions_and_scenes(sampling_workdir):
     assert len(examples) == 5
     for i, example in enumerate(examples):
         assert example.prompt == records[i]["captions"][0]
-        assert example.scene == judge.scene_from_example(records[i]["scene"])
+        assert example.scene == shapes_scene.scene_from_example(records[i]["scene"])
     assert len(ev.split_examples(sampling_workdir["workdir"], "test")) == 16
 
 

@@ -163,9 +163,9 @@ def test_scene_from_a_decoded_tfds_example_judges_like_the_scene():
         },
         "relation": np.int64(3),
     }
-    assert judge.scene_from_example(example) == scene
+    assert ss.scene_from_example(example) == scene
     named = {"objects": [dict(o, color=o["color"].encode()) for o in scene["objects"]], "relation": b"above"}
-    assert judge.scene_from_example(named) == scene
+    assert ss.scene_from_example(named) == scene
     image = ss.render(scene, 32)
     assert judge.judge(image, example) == judge.judge(image, scene)
 
@@ -178,11 +178,11 @@ def test_bad_scenes_and_images_fail_loudly():
     with pytest.raises(ValueError, match="square"):
         judge.judge(image[:, :20], scene)
     with pytest.raises(ValueError, match="pink"):
-        judge.scene_from_example({"objects": [dict(scene["objects"][0], color="pink")], "relation": "none"})
+        ss.scene_from_example({"objects": [dict(scene["objects"][0], color="pink")], "relation": "none"})
     with pytest.raises(ValueError, match="cell=12"):
-        judge.scene_from_example({"objects": [dict(scene["objects"][0], cell=12)], "relation": 0})
+        ss.scene_from_example({"objects": [dict(scene["objects"][0], cell=12)], "relation": 0})
     with pytest.raises(ValueError, match="relation"):
-        judge.scene_from_example({"objects": scene["objects"], "relation": "above"})
+        ss.scene_from_example({"objects": scene["objects"], "relation": "above"})
 
 
 def test_aggregate_counts_each_attribute_over_the_judgements_that_judged_it():

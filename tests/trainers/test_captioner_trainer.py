@@ -99,6 +99,10 @@ def test_a_code_reader_for_another_dataset_is_refused(sampling_workdir, mesh):  
     pixels = tiny_config(seq2seq_dir)
     pixels.model.reads = "pixels"
     assert captioner.with_seq2seq_shapes(pixels, seq2seq_config, tokenizer, vqgan).model.code_features == 0
+    without_extension = tiny_config(seq2seq_dir)
+    without_extension.extensions = ()
+    with pytest.raises(ValueError, match="reads='code_features' needs an extension that measures"):
+        captioner.with_seq2seq_shapes(without_extension, seq2seq_config, tokenizer, vqgan)
 
 
 def test_a_resumed_run_ends_where_an_unbroken_one_does(captioner_run, sampling_workdir, tmp_path, mesh):  # noqa: F811
@@ -128,8 +132,7 @@ def synthetic_pictures(count=10, captions=3):
     return captioner_data.CaptionedPictures(
         images=np.broadcast_to(np.arange(count, dtype=np.uint8)[:, None, None, None], (count, 2, 2, 3)).copy(),
         captions=ids, caption_counts=np.arange(count, dtype=np.int32) % 3 + 1,
-        twins=np.zeros((count, captioner_data.TWIN_CAPTIONS, 4), np.int32),
-        twin_rows=np.zeros((count, captioner_data.TWIN_CAPTIONS), bool))
+        twins=np.zeros((count, 1, 4), np.int32), twin_rows=np.zeros((count, 1), bool))
 
 
 def test_train_batches_follow_from_seed_and_step_alone():

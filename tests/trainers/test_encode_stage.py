@@ -11,8 +11,7 @@ import pytest
 
 from configs import shapes_vqgan
 from dalle_jax import parallel
-from dalle_jax.data import pipeline, sources, token_records
-from dalle_jax.shapes import judge
+from dalle_jax.data import pipeline, shapes_scene, sources, token_records
 from dalle_jax.trainers import encode_stage, vqgan_step
 from dalle_jax import runs
 from dalle_jax.training import checkpointing, gan_losses
@@ -185,7 +184,7 @@ def test_every_split_is_encoded_exactly(reference, vqgan_workdir, vqgan):
             np.testing.assert_array_equal(record["codes"], grid.reshape(-1))
             assert record["captions"][0] == pipeline.as_text(example["caption"])
             assert set(record["captions"]) == {pipeline.as_text(p) for p in example["paraphrases"]}
-            assert record["scene"] == judge.scene_from_example(example)
+            assert record["scene"] == shapes_scene.scene_from_example(example)
     # The train split's 64 examples lie in shards of 20, 20, 20 and 4.
     manifest = token_records.read_manifest(directory)
     assert manifest["splits"]["train"]["shards"] == [f"train-0000{i}.array_record" for i in range(4)]

@@ -126,6 +126,8 @@ def test_user_tokenizer_is_copied_and_a_different_one_refused(full_run, tmp_path
     ("model.text_length", 2, "text_length=2"),
     ("data.blank_caption_prob", 1.5, "blank_caption_prob=1.5"),
     ("model.code_features", 7, "set config.model.code_features=25"),
+    ("extensions", ("dalle_jax.shapes.no_such_module",), "config.extensions names 'dalle_jax.shapes.no_such_module', "
+                                                         "which cannot be imported"),
 ])
 def test_bad_configs_fail_before_any_work(tmp_path, shapes_data_dir, vqgan_workdir, field, value, message):
     from dalle_jax.trainers import seq2seq_trainer as seq2seq
@@ -137,14 +139,21 @@ def test_bad_configs_fail_before_any_work(tmp_path, shapes_data_dir, vqgan_workd
     assert not os.path.exists(tmp_path / "bad" / "checkpoints")
 
 
-def test_code_features_need_the_shapes_palette(shapes_data_dir, vqgan_workdir):
+def test_shapes_only_settings_on_another_dataset_fail_before_any_work(tmp_path, shapes_data_dir, vqgan_workdir):
     from dalle_jax.shapes import code_features_stage
+    from dalle_jax.trainers import seq2seq_trainer as seq2seq
     config = tiny_config(shapes_data_dir, vqgan_workdir)
     config.model.code_features = 25
     code_features_stage.check_config(config)
     config.data.dataset = "captioned_folder"
-    with pytest.raises(ValueError, match="describes codes by the captioned_shapes palette"):
-        code_features_stage.check_config(config)
+    config.data.left_or_above_caption_steps = 0
+    with pytest.raises(ValueError, match="config.model.code_features=25 describes codes by the captioned_shapes "
+                                         "palette.*set config.model.code_features=0"):
+        seq2seq.train(config, str(tmp_path / "bad"))
+    config.model.code_features, config.data.left_or_above_caption_steps = 0, 5
+    with pytest.raises(ValueError, match="config.data.left_or_above_caption_steps=5 rewords captioned_shapes"):
+        seq2seq.train(config, str(tmp_path / "bad"))
+    assert not os.path.exists(tmp_path / "bad")
 
 
 def test_code_features_are_measured_stored_and_loaded_in_the_plain_layout(tmp_path, shapes_data_dir,
@@ -153,6 +162,7 @@ def test_code_features_are_measured_stored_and_loaded_in_the_plain_layout(tmp_pa
     from flax import nnx
     from dalle_jax.models import dalle_bart
     from dalle_jax.shapes import code_features_stage
+    from dalle_jax.shapes.code_features_bart import CodeFeaturesBart
     from dalle_jax.trainers import seq2seq_trainer as seq2seq, seq2seq_step
     from dalle_jax.training import checkpointing
     config = tiny_config(shapes_data_dir, vqgan_workdir)
@@ -162,7 +172,7 @@ def test_code_features_are_measured_stored_and_loaded_in_the_plain_layout(tmp_pa
     seq2seq.train(config, workdir)
 
     setup, _, shardings = seq2seq_step.create(config, parallel.make_mesh(config.mesh), initialize=False)
-    abstract = nnx.eval_shape(lambda: dalle_bart.DalleBart(config.model, rngs=nnx.Rngs(params=0, dropout=0)))
+    abstract = nnx.eval_shape(lambda: CodeFeaturesBart(config.model, rngs=nnx.Rngs(params=0, dropout=0)))
     target = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
                           nnx.state(abstract, nnx.Param).to_pure_dict(), shardings["params"])
     stored = checkpointing.restore_params(workdir, 4, target)
@@ -171,7 +181,7 @@ def test_code_features_are_measured_stored_and_loaded_in_the_plain_layout(tmp_pa
     assert measured[:32, :16].max() > 0 and measured[32, -2] == 1  # some code draws foreground; the start row
 
     loaded = runs.load_seq2seq(workdir)
-    assert dalle_bart.code_features(loaded.config.model) == 0
+    assert "code_features" not in loaded.config.model and type(loaded.model()) is dalle_bart.DalleBart
     text = np.asarray(loaded.tokenizer.encode_batch(["a red circle", "a blue square"], config.model.text_length))
     codes = np.random.default_rng(0).integers(0, 32, size=(2, 64)).astype(np.int32)
     inputs = dalle_bart.teacher_forcing_inputs(jax.numpy.asarray(codes), 32)
