@@ -6,8 +6,8 @@ into patches, embedded by one linear layer and read by bidirectional encoder lay
 cross-attends to the patches and predicts the caption's next token.
 
 With `config.reads = "code_features"` the model reads the sampled codes instead of their pictures, so no candidate
-is decoded to be scored: each code is described by its fixed appearance features (`models/code_features.py`: where
-it draws and in which colour, measured on the training images), embedded by one linear layer, and a 3x3
+is decoded to be scored: each code is described by a fixed per-code feature table (measured by an extension's
+`code_feature_table` hook, e.g. where the code draws and in which colour), embedded by one linear layer, and a 3x3
 convolution over the code grid adds what its neighbours show before the encoder layers.
 """
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Captioner(nnx.Module):
         else:
             self.grid = math.isqrt(int(config.image_length))
             # Fixed (training/optimizers.FROZEN); the trainer measures them. One row per code and the seq2seq
-            # model's start token, as `trainers/code_features_stage.measure` writes them.
+            # model's start token, as the extension's `code_feature_table` hook gives them.
             self.code_features = nnx.Param(jnp.zeros((int(config.image_vocab_size) + 1, int(config.code_features)),
                                                      jnp.float32))
             self.feature_embed = nnx.Linear(int(config.code_features), d, rngs=rngs)
