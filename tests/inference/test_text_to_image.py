@@ -15,7 +15,6 @@ from dalle_jax import parallel
 from dalle_jax.inference import sampling
 from dalle_jax import runs
 from dalle_jax.data import pipeline as data_pipeline, token_records
-from dalle_jax.models.dalle_bart import DalleBart
 from dalle_jax.inference.text_to_image import TextToImage
 from dalle_jax.inference.sampling import SamplingSettings
 from dalle_jax.trainers import encode_stage, seq2seq_step, text_stage
@@ -53,7 +52,8 @@ def build_workdir(root: str, data_dir: str) -> dict:
                                                                for c in train[i]["captions"]))
 
     setup, _, shardings = seq2seq_step.create(config, mesh, initialize=False)
-    abstract_params = nnx.state(nnx.eval_shape(lambda: DalleBart(config.model, rngs=nnx.Rngs(0))),
+    model_class = seq2seq_step.model_class(config)
+    abstract_params = nnx.state(nnx.eval_shape(lambda: model_class(config.model, rngs=nnx.Rngs(0))),
                                 nnx.Param).to_pure_dict()
     abstract = dict(step=jax.ShapeDtypeStruct((), np.int32), params=abstract_params,
                     opt_state=jax.eval_shape(setup.tx.init, abstract_params))
