@@ -16,7 +16,8 @@ import json
 import jax
 import numpy as np
 from configs import shapes_dalle
-from dalle_jax import aot, parallel
+from dalle_jax import parallel
+from dalle_jax.pods import aot
 from dalle_jax.trainers import seq2seq_step
 
 def config(mesh=(1, 8, 1), **model):

@@ -40,7 +40,7 @@ def test_a_100k_character_prompt_is_cut_to_text_length_with_a_warning(pipe):
 
 
 def test_work_directories_of_the_other_trainer_are_refused(sampling_workdir):  # noqa: F811
-    with pytest.raises(ValueError, match="work directory of the 'vqgan' trainer, not of a seq2seq model"):
+    with pytest.raises(ValueError, match="work directory of the 'vqgan' trainer, not of a seq2seq run"):
         TextToImage.from_workdir(sampling_workdir["vqgan_workdir"])
     with pytest.raises(ValueError, match="work directory of the 'seq2seq' trainer, not of a VQGAN"):
         TextToImage.from_workdir(sampling_workdir["workdir"], vqgan_workdir=sampling_workdir["workdir"])

@@ -30,7 +30,7 @@ def seq2seq_fields(**overrides):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def trained_runs(tmp_path_factory):
     """A VQGAN work directory (4x4 grid of 32 codes) and a seq2seq one with a sentencepiece tokenizer."""
     root = tmp_path_factory.mktemp("runs")
     vqgan_cfg = tiny_vqgan_config(resolution=16, ch_mult=(1, 2, 2), attn_resolutions=(4,), codebook_size=32)
@@ -45,49 +45,49 @@ def runs(tmp_path_factory):
                 vqgan_cfg=vqgan_cfg, params=params, fields=fields)
 
 
-def test_safetensors_round_trip_is_exact(runs, tmp_path):
-    export_cli.main(["--workdir", runs["dalle"], "--format", "safetensors", "--out", str(tmp_path / "export")])
+def test_safetensors_round_trip_is_exact(trained_runs, tmp_path):
+    export_cli.main(["--workdir", trained_runs["dalle"], "--format", "safetensors", "--out", str(tmp_path / "export")])
     tensors = load_file(str(tmp_path / "export" / "model.safetensors"))  # plain safetensors, no dalle_jax
     assert tensors["encoder.layers.1.self_attn.q_proj.kernel"].shape == (32, 32)
     record = json.loads((tmp_path / "export" / "config.json").read_text())
     assert record["token_ids"] == dict(bos=0, pad=1, eos=2, unk=3, image_start=32)
     assert record["image_grid"]["height"] == 4 and record["tokenizer"]["kind"] == "sentencepiece"
     import_weights.main(["--format", "safetensors", "--src", str(tmp_path / "export"), "--workdir",
-                         str(tmp_path / "back"), "--vqgan_workdir", runs["vqgan"]])
+                         str(tmp_path / "back"), "--vqgan_workdir", trained_runs["vqgan"]])
     kind, config, params = workdirs.read_workdir(str(tmp_path / "back"))
-    assert kind == "seq2seq" and config.model.to_json(sort_keys=True) == dalle_config(**runs["fields"]).to_json(
+    assert kind == "seq2seq" and config.model.to_json(sort_keys=True) == dalle_config(**trained_runs["fields"]).to_json(
         sort_keys=True)
-    assert_trees_equal(params, runs["params"])
+    assert_trees_equal(params, trained_runs["params"])
 
     from dalle_jax.interop import safetensors_format
     safetensors_format.export(str(tmp_path / "bf16"), kind, config, params, dtype="bfloat16")
     half = load_file(str(tmp_path / "bf16" / "model.safetensors"))
     import ml_dtypes
-    flat = names.flatten(runs["params"])
+    flat = names.flatten(trained_runs["params"])
     assert all(half[k].dtype == ml_dtypes.bfloat16 for k in flat)
     np.testing.assert_array_equal(half["decoder.lm_head.kernel"],
                                   flat["decoder.lm_head.kernel"].astype(ml_dtypes.bfloat16))
 
     with pytest.raises(FileExistsError, match="already holds a run"):
         import_weights.import_safetensors(str(tmp_path / "export"), str(tmp_path / "back"),
-                                          vqgan_workdir=runs["vqgan"])
+                                          vqgan_workdir=trained_runs["vqgan"])
 
 
-def test_vqgan_exports_round_trip(runs, tmp_path):
-    export_cli.main(["--workdir", runs["vqgan"], "--format", "taming", "--out", str(tmp_path / "vqgan.ckpt")])
+def test_vqgan_exports_round_trip(trained_runs, tmp_path):
+    export_cli.main(["--workdir", trained_runs["vqgan"], "--format", "taming", "--out", str(tmp_path / "vqgan.ckpt")])
     import_weights.main(["--format", "taming", "--src", str(tmp_path / "vqgan.ckpt"), "--workdir",
                          str(tmp_path / "taming_back"), "--resolution", "16"])
     _, config, params = workdirs.read_workdir(str(tmp_path / "taming_back"))
-    assert config.model.to_json(sort_keys=True) == runs["vqgan_cfg"].to_json(sort_keys=True)
-    assert_trees_equal(params, runs["vqgan_params"])
+    assert config.model.to_json(sort_keys=True) == trained_runs["vqgan_cfg"].to_json(sort_keys=True)
+    assert_trees_equal(params, trained_runs["vqgan_params"])
 
-    export_cli.main(["--workdir", runs["vqgan"], "--format", "diffusers", "--out", str(tmp_path / "vqmodel")])
+    export_cli.main(["--workdir", trained_runs["vqgan"], "--format", "diffusers", "--out", str(tmp_path / "vqmodel")])
     assert json.loads((tmp_path / "vqmodel" / "config.json").read_text())["_class_name"] == "VQModel"
     with pytest.raises(ValueError, match="exports seq2seq work directories"):
-        export_cli.export(runs["vqgan"], "min-dalle", str(tmp_path / "x"))
+        export_cli.export(trained_runs["vqgan"], "min-dalle", str(tmp_path / "x"))
 
 
-def test_min_dalle_import_samples_with_min_dalle_ids(runs, tmp_path):
+def test_min_dalle_import_samples_with_min_dalle_ids(trained_runs, tmp_path):
     src = tmp_path / "dalle_bart_mini"
     src.mkdir()
     merges = learn_bpe(CORPUS, 60)
