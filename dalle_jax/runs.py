@@ -80,7 +80,8 @@ def read_config(workdir: str, trainer: str) -> ml_collections.ConfigDict:
                          f"`{command.format(workdir='DIR')}`.")
     if trainer == "seq2seq" and not any(os.path.isfile(os.path.join(workdir, f)) for f in TOKENIZER_FILES[:2]):
         raise FileNotFoundError(f"{os.path.join(workdir, TOKENIZER_FILE)} does not exist: the run in {workdir!r} "
-                                f"stopped before it made its tokenizer. Resume it with `{command.format(workdir=workdir)}`.")
+                                "stopped before it made its tokenizer. Resume it with "
+                                f"`{command.format(workdir=workdir)}`.")
     return config
 
 

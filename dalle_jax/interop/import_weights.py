@@ -2,7 +2,8 @@
 
     python -m dalle_jax.interop.import_weights --format min-dalle --src path/to/min_dalle_dir --workdir runs/mega
     python -m dalle_jax.interop.import_weights --format taming --src path/to/vqgan.ckpt --workdir runs/vqgan_f16
-    python -m dalle_jax.interop.import_weights --format safetensors --src export/ --workdir runs/copy [--vqgan_workdir ...]
+    python -m dalle_jax.interop.import_weights --format safetensors --src export/ --workdir runs/copy \
+        [--vqgan_workdir ...]
 
 A min-dalle directory holds `encoder.pt`, `decoder.pt`, `vocab.json` and `merges.txt` (min-dalle's
 `pretrained/dalle_bart_mega`); its detokenizer is `detoker.pt` there or in `../vqgan/` (min-dalle's layout), or

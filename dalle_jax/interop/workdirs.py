@@ -29,7 +29,8 @@ def read_workdir(workdir: str, *, step: int | None = None) -> tuple[str, ml_coll
     elif kind == "vqgan":
         loaded = runs.load_vqgan(workdir, step=step)
     else:
-        raise ValueError(f"{workdir!r} has config.trainer={kind!r}; export reads 'seq2seq' or 'vqgan' work directories.")
+        raise ValueError(f"{workdir!r} has config.trainer={kind!r}; export reads 'seq2seq' or 'vqgan' work "
+                         "directories.")
     return kind, loaded.config, jax.tree.map(lambda x: np.asarray(jax.device_get(x)), loaded.params)
 
 

@@ -200,7 +200,8 @@ class DalleBart(nnx.Module):
         try:
             rngs["dropout"]
         except KeyError:
-            raise ValueError('DalleBart needs a "dropout" rng stream: pass nnx.Rngs(params=..., dropout=...).') from None
+            raise ValueError('DalleBart needs a "dropout" rng stream: pass nnx.Rngs(params=..., dropout=...).') \
+                from None
         self.text_length = int(cfg.text_length)
         self.image_length = int(cfg.image_length)
         self.image_vocab_size = int(cfg.image_vocab_size)

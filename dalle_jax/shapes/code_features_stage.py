@@ -2,9 +2,9 @@
 
 Hooks (`dalle_jax/extensions.py`): `check_config`, `model_class` (`shapes/code_features_bart.py`) and `init_params`,
 which measures the features (`shapes/code_features.py`) for a run with `config.model.code_features` starting from
-scratch. The features come from the first MEASURED_IMAGES training images and their codes, as the encode stage wrote them
-(record i of the `train` records is example i of the dataset's `train` split). They are measured once, when a run
-starts from scratch, and then live in the checkpoints with the other parameters.
+scratch. The features come from the first MEASURED_IMAGES training images and their codes, as the encode stage wrote
+them (record i of the `train` records is example i of the dataset's `train` split); they then live in the checkpoints
+with the other parameters.
 """
 from __future__ import annotations
 

@@ -9,7 +9,6 @@ its prompt likeliest for.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 
@@ -17,12 +16,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from dalle_jax import extensions, parallel
-from dalle_jax import runs
+from dalle_jax import extensions, parallel, runs
 from dalle_jax.data import token_records
 from dalle_jax.models import captioner as captioner_lib
-from dalle_jax.trainers import captioner_data, captioner_step
-from dalle_jax.training import checkpointing, loop, metrics as metrics_lib
+from dalle_jax.trainers import captioner_data, captioner_step, run_ends
+from dalle_jax.training import loop
 from dalle_jax.training.progress import Progress
 
 
@@ -57,19 +55,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     # 3. State, or the newest checkpoint's.
     cadence = loop.Cadence.from_config(config, stop_after)
     setup, state, shardings = captioner_step.create(config, mesh)
-    checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                              save_every=config.checkpoint_every)
-    state, start = checkpointing.restore_or_keep(checkpointer, state, shardings, None,
-                                                 fall_back=config.faults.restore_fallback)
-    if start >= cadence.last_step and not cadence.finishes_run:
+    begun = run_ends.begin(config, workdir, state, shardings, cadence)
+    if begun is None:
         return None
+    state, start, checkpointer, writer = begun.state, begun.step, begun.checkpointer, begun.writer
     if start == 0 and reads_codes:  # a fresh run measures its codes' appearance on the seq2seq run's images
         features = extensions.one_hook(config, "code_feature_table")(
             seq2seq_config, token_records.open_split(encoded_dir, "train"))
         state = dict(state, params=dict(state["params"], code_features=jax.device_put(
             features, shardings["params"]["code_features"])))
-    writer = metrics_lib.MetricsWriter(workdir)
-    writer.drop_after(start)
 
     # 4. Compiled steps.
     train_step = parallel.jit_sharded_step(functools.partial(captioner_step.train_step, setup), shardings, mesh)
@@ -103,18 +97,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         progress=Progress(config.num_steps, start, "captioner"),
         rates=lambda steps, seconds: dict(steps_per_s=steps / seconds),
         shown=dict(loss="loss", accuracy="token_accuracy"))
-    if last_trained < config.num_steps:
-        writer.close()
-        return None
 
-    # 6. Final figures on the test split.
-    final = evaluate_split(state["params"], "test")
-    writer.write_scalars(config.num_steps, {f"test/{k}": v for k, v in final.items()})
-    writer.close()
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
-            json.dump({"step": config.num_steps, **final}, f, indent=2)
-    return final
+    # 6. Final figures on the test split, once the run has trained all its steps.
+    def final_figures():
+        return evaluate_split(state["params"], "test"), "test"
+
+    return run_ends.end(config, workdir, writer, last_trained, final_figures)
 
 
 def with_seq2seq_shapes(config, seq2seq_config, tokenizer, vqgan) -> ml_collections.ConfigDict:

@@ -347,7 +347,8 @@ def _record_fields(example, text_key: str, paraphrases: bool, scenes: bool) -> d
     if paraphrases:
         captions += [pipeline.as_text(p) for p in example["paraphrases"]]
     # captioned_shapes lists the canonical caption among the paraphrases too; each caption is kept once.
-    return dict(captions=list(dict.fromkeys(captions)), scene=shapes_scene.scene_from_example(example) if scenes else None)
+    scene = shapes_scene.scene_from_example(example) if scenes else None
+    return dict(captions=list(dict.fromkeys(captions)), scene=scene)
 
 
 def _encode_shard(path: str, batches, encode, bar) -> None:

@@ -2,8 +2,9 @@
 
 State: {step, params, opt_state}. A batch holds `text_ids` (B, text_length) and `codes` (B, image_length). One
 train step blanks captions with probability `blank_caption_prob` (so the model also learns the unconditional
-distribution that guidance needs), accumulates gradients over `accumulation_steps` micro-batches and applies one optimizer update. Randomness is `fold_in(seed, step)` on a branch of its own, so a
-resumed run draws exactly what an unbroken one would. An update whose loss, gradients or result are not finite is skipped (metric `nonfinite`).
+distribution that guidance needs), accumulates gradients over `accumulation_steps` micro-batches and applies one
+optimizer update. Randomness is `fold_in(seed, step)` on a branch of its own, so a resumed run draws exactly what an
+unbroken one would. An update whose loss, gradients or result are not finite is skipped (metric `nonfinite`).
 """
 from __future__ import annotations
 

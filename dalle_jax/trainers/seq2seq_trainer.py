@@ -6,7 +6,6 @@ VQGAN and trains the text tokenizer; later runs (and resumes) reuse both from th
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import os
@@ -16,13 +15,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from dalle_jax import extensions, parallel
+from dalle_jax import extensions, parallel, runs
 from dalle_jax.data import pipeline, token_records
 from dalle_jax.models import dalle_bart
-from dalle_jax.trainers import encode_stage, seq2seq_samples, seq2seq_step, text_stage
-from dalle_jax import runs
-from dalle_jax.training import checkpointing, loop, metrics as metrics_lib, throughput
-from dalle_jax.trainers import init_from
+from dalle_jax.trainers import encode_stage, init_from, run_ends, seq2seq_samples, seq2seq_step, text_stage
+from dalle_jax.training import loop, throughput
 from dalle_jax.training.progress import Progress
 
 
@@ -34,7 +31,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         raise ValueError("config.vqgan_workdir is empty: pass the work directory of a trained VQGAN, e.g. "
                          "--config.vqgan_workdir=runs/vqgan.")
     seq2seq_step.check_config(config)  # with the checks of config.extensions
-    begin = init_from.find_start(config, workdir)  # imported weights or config.init_from, checked against config
+    first_params = init_from.find_start(config, workdir)  # imported weights or config.init_from, checked
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_global_batch(config.data.batch_size, mesh)
     parallel.check_global_batch(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
@@ -60,21 +57,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     # 3. State, built directly in its sharding, or restored from the newest checkpoint.
     cadence = loop.Cadence.from_config(config, stop_after)
     setup, state, shardings = seq2seq_step.create(config, mesh)
-    checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                              save_every=config.checkpoint_every)
-    if begin is not None:  # no training checkpoint yet: start from imported weights or config.init_from's
-        state, start = init_from.load_params(begin, state, shardings)
-    else:
-        state, start = checkpointing.restore_or_keep(checkpointer, state, shardings, train_iter,
-                                                     fall_back=config.faults.restore_fallback)
-        if start == 0:  # a fresh run: extensions may set parameters (e.g. measured from the training images)
-            for init_params in extensions.hooks(config, "init_params"):
-                state = dict(state, params=jax.device_put(init_params(config, state["params"], train_source),
-                                                          shardings["params"]))
-    if start >= cadence.last_step and not cadence.finishes_run:
+    begun = run_ends.begin(config, workdir, state, shardings, cadence, data_iterator=train_iter,
+                           first_params=first_params)
+    if begun is None:
         return None
-    writer = metrics_lib.MetricsWriter(workdir)
-    writer.drop_after(start)
+    state, start, checkpointer, writer = begun.state, begun.step, begun.checkpointer, begun.writer
+    if start == 0 and first_params is None:  # a fresh run: extensions may set parameters (e.g. measured on images)
+        for init_params in extensions.hooks(config, "init_params"):
+            state = dict(state, params=jax.device_put(init_params(config, state["params"], train_source),
+                                                      shardings["params"]))
 
     # 4. Compiled steps with explicit shardings; the train step donates the old state.
     batch_sh = parallel.batch_sharding(mesh)
@@ -107,19 +98,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         checkpointer=checkpointer, data_iterator=train_iter, writer=writer,
         progress=Progress(config.num_steps, start, "seq2seq"), rates=rates,
         shown=dict(loss="loss", accuracy="token_accuracy", mfu="mfu"))
-    if last_trained < config.num_steps:  # stopped early: by stop_after, or by a stop request (SIGTERM, SIGINT)
-        writer.close()
-        return None
 
-    # 7. Final figures on the test split.
-    final = _evaluate(config, eval_step, mesh, token_records.open_split(encoded_dir, "test"), eval_transform,
-                      state["params"], -1)
-    writer.write_scalars(config.num_steps, {f"test/{k}": v for k, v in final.items()})
-    writer.close()
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
-            json.dump({"step": config.num_steps, **final}, f, indent=2)
-    return final
+    # 7. Final figures on the test split, once the run has trained all its steps.
+    def final_figures():
+        test = token_records.open_split(encoded_dir, "test")
+        return _evaluate(config, eval_step, mesh, test, eval_transform, state["params"], -1), "test"
+
+    return run_ends.end(config, workdir, writer, last_trained, final_figures)
 
 
 def jit_train_step(setup: seq2seq_step.Setup, shardings, mesh):

@@ -5,21 +5,16 @@ Read top to bottom; every piece it calls is a small module of its own.
 from __future__ import annotations
 
 import functools
-import json
-import os
 
 import jax
 import ml_collections
 import numpy as np
 
-from dalle_jax.data import image_grid as images
-from dalle_jax import extensions, parallel
-from dalle_jax.data import captioned_folder, pipeline, sources
+from dalle_jax import extensions, parallel, runs
+from dalle_jax.data import captioned_folder, image_grid, pipeline, sources
 from dalle_jax.models import quantizer as vq
-from dalle_jax.trainers import vqgan_step
-from dalle_jax.training import checkpointing, loop, metrics as metrics_lib
-from dalle_jax.trainers import init_from
-from dalle_jax import runs
+from dalle_jax.trainers import init_from, run_ends, vqgan_step
+from dalle_jax.training import loop
 from dalle_jax.training.progress import Progress
 
 
@@ -32,7 +27,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     """
     # 1. Devices, the extensions' checks and the run's record.
     extensions.check_config(config)
-    begin = init_from.find_start(config, workdir)  # imported weights or config.init_from, checked against config
+    first_params = init_from.find_start(config, workdir)  # imported weights or config.init_from, checked
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_global_batch(config.data.batch_size, mesh)
     parallel.check_global_batch(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
@@ -48,17 +43,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     # 3. State, built directly in its sharding, or restored from the newest checkpoint.
     cadence = loop.Cadence.from_config(config, stop_after)
     setup, state, shardings = vqgan_step.create(config, mesh)
-    checkpointer = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                              save_every=config.checkpoint_every)
-    if begin is not None:  # no training checkpoint yet: start from imported weights or config.init_from's
-        state, start = init_from.load_params(begin, state, shardings)
-    else:
-        state, start = checkpointing.restore_or_keep(checkpointer, state, shardings, train_iter,
-                                                     fall_back=config.faults.restore_fallback)
-    if start >= cadence.last_step and not cadence.finishes_run:
+    begun = run_ends.begin(config, workdir, state, shardings, cadence, data_iterator=train_iter,
+                           first_params=first_params)
+    if begun is None:
         return None
-    writer = metrics_lib.MetricsWriter(workdir)
-    writer.drop_after(start)
+    state, start, checkpointer, writer = begun.state, begun.step, begun.checkpointer, begun.writer
     if start == 0 and (bad_examples := captioned_folder.bad_example_metrics(builder)):
         writer.write_scalars(0, bad_examples)  # what the dataset skipped or normalised, once per run
 
@@ -85,19 +74,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         checkpointer=checkpointer, data_iterator=train_iter, writer=writer,
         progress=Progress(config.num_steps, start, "vqgan"), rates=rates,
         shown=dict(loss="loss", psnr="psnr", usage="batch_codebook_usage"))
-    if last_trained < config.num_steps:  # stopped early: by stop_after, or by a stop request (SIGTERM, SIGINT)
-        writer.close()
-        return None
 
-    # 6. Final figures on the test split, with those of the extensions' `evaluate_reconstructions`.
-    final_split = "test" if "test" in builder.info.splits else "validation"  # captioned_folder has no test split
-    final, _ = evaluate(state["params"], final_split, -1, final=True)
-    writer.write_scalars(config.num_steps, {f"test/{k}": v for k, v in final.items()})
-    writer.close()
-    if jax.process_index() == 0:
-        with open(os.path.join(workdir, "test_metrics.json"), "w") as f:
-            json.dump({"step": config.num_steps, "split": final_split, **final}, f, indent=2)
-    return final
+    # 6. Final figures on the test split (validation where the dataset has none), with those of the extensions'
+    # `evaluate_reconstructions`, once the run has trained all its steps.
+    def final_figures():
+        split = "test" if "test" in builder.info.splits else "validation"
+        return evaluate(state["params"], split, -1, final=True)[0], split
+
+    return run_ends.end(config, workdir, writer, last_trained, final_figures)
 
 
 def jit_train_step(setup: vqgan_step.Setup, shardings, mesh):
@@ -142,6 +126,6 @@ def _evaluate(setup, eval_step, mesh, builder, transform, params, split: str, nu
                    codebook_size=float(config.model.codebook_size), examples=float(count))
     for evaluate_reconstructions in evaluators:
         figures.update(evaluate_reconstructions(config, source, np.concatenate(reconstructions)))
-    grid = images.image_grid(shown, columns=min(config.num_recon_images, shown.shape[0]))
+    grid = image_grid.image_grid(shown, columns=min(config.num_recon_images, shown.shape[0]))
     return figures, grid
 
