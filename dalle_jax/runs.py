@@ -189,6 +189,8 @@ def load_seq2seq(workdir: str, mesh: Mesh | None = None, *, step: int | None = N
     if model_class is not DalleBart:  # sampled and exported in the plain layout, which computes the same
         config = ml_collections.ConfigDict(config.to_dict())
         config.model, params = model_class.dense_equivalent(config.model, params)
+        # The plain model needs no class of an extension: a config rebuilt from this one builds what it holds.
+        config.extensions = tuple(m.__name__ for m in extensions.load(config) if not hasattr(m, "model_class"))
         graphdef, _, rng_state, shardings = _abstract_seq2seq(config.model, mesh, config.sharding_rules)
         params = jax.device_put(params, shardings)
     return LoadedSeq2Seq(workdir=os.path.abspath(workdir), config=config, tokenizer=load_tokenizer(workdir),

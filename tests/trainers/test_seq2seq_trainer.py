@@ -182,10 +182,13 @@ def test_code_features_are_measured_stored_and_loaded_in_the_plain_layout(tmp_pa
 
     loaded = runs.load_seq2seq(workdir)
     assert "code_features" not in loaded.config.model and type(loaded.model()) is dalle_bart.DalleBart
+    assert "dalle_jax.shapes.code_features_stage" not in loaded.config.extensions  # the plain model needs none
     text = np.asarray(loaded.tokenizer.encode_batch(["a red circle", "a blue square"], config.model.text_length))
     codes = np.random.default_rng(0).integers(0, 32, size=(2, 64)).astype(np.int32)
     inputs = dalle_bart.teacher_forcing_inputs(jax.numpy.asarray(codes), 32)
     np.testing.assert_allclose(loaded.model()(text, inputs), setup.model(stored)(text, inputs), atol=1e-4, rtol=1e-4)
+    rebuilt = seq2seq_step.create(loaded.config, loaded.mesh, initialize=False)[0].model(loaded.params)
+    np.testing.assert_allclose(rebuilt(text, inputs), loaded.model()(text, inputs))
 
 
 def cli_args(data_dir, vqgan_dir):
