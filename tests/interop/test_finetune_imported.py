@@ -56,6 +56,9 @@ def finetune_config(data_dir, vqgan_dir):
     every step and checkpointing every other; the test stops it early, before any evaluation."""
     config = tiny_config(data_dir, vqgan_dir)
     config.log_every, config.checkpoint_every = 1, 2
+    # Imported weights are a plain DalleBart's: the recipe's code-features model is left out.
+    config.extensions = tuple(e for e in config.extensions if e != "dalle_jax.shapes.code_features_stage")
+    del config.model["code_features"]
     return config
 
 
