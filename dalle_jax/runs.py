@@ -125,6 +125,15 @@ def _restore(workdir: str, step: int, abstract_params, shardings) -> dict:
     return checkpointing.restore_params(workdir, step, target)
 
 
+def _restore_replicated(workdir: str, step: int, abstract_params, mesh: Mesh) -> dict:
+    return _restore(workdir, step, abstract_params, jax.tree.map(lambda _: parallel.replicated(mesh), abstract_params))
+
+
+def _merge(graphdef: nnx.GraphDef, params: dict, rng_state) -> nnx.Module:
+    """The model of `graphdef` with `params`; its dropout streams filled afresh (inference never draws from them)."""
+    return nnx.merge(graphdef, params, tl.fresh_rng_state(rng_state, jax.random.key(0)))
+
+
 # The seq2seq model (DalleBart) and its tokenizer.
 
 def load_tokenizer(workdir: str):
@@ -161,8 +170,7 @@ class LoadedSeq2Seq:
 
     def model(self, params: dict | None = None) -> DalleBart:
         """The model with `params` (default: the loaded ones)."""
-        return nnx.merge(self.graphdef, self.params if params is None else params,
-                         tl.fresh_rng_state(self.rng_state, jax.random.key(0)))
+        return _merge(self.graphdef, self.params if params is None else params, self.rng_state)
 
     @property
     def empty_text_ids(self) -> np.ndarray:
@@ -224,8 +232,7 @@ def load_vqgan(workdir: str, mesh: Mesh | None = None, *, step: int | None = Non
     mesh = mesh if mesh is not None else default_mesh()
     abstract_model = nnx.eval_shape(lambda: VQGAN(config.model, rngs=nnx.Rngs(0)))
     graphdef, abstract = nnx.split(abstract_model, nnx.Param)
-    abstract = abstract.to_pure_dict()
-    params = _restore(workdir, step, abstract, jax.tree.map(lambda _: parallel.replicated(mesh), abstract))
+    params = _restore_replicated(workdir, step, abstract.to_pure_dict(), mesh)
     return LoadedVQGAN(workdir=os.path.abspath(workdir), config=config, graphdef=graphdef, params=params,
                        step=step, fingerprint=vqgan_fingerprint(config.model, step, params),
                        grid_size=int(abstract_model.grid_size), codebook_size=int(abstract_model.codebook_size))
@@ -264,8 +271,7 @@ class LoadedReranker:
     step: int
 
     def model(self, params: dict | None = None) -> Captioner:
-        return nnx.merge(self.graphdef, self.params if params is None else params,
-                         tl.fresh_rng_state(self.rng_state, jax.random.key(0)))
+        return _merge(self.graphdef, self.params if params is None else params, self.rng_state)
 
 
 def load_reranker(workdir: str, mesh: Mesh | None = None, *, step: int | None = None) -> LoadedReranker:
@@ -275,7 +281,6 @@ def load_reranker(workdir: str, mesh: Mesh | None = None, *, step: int | None = 
     mesh = mesh if mesh is not None else default_mesh()
     abstract_model = nnx.eval_shape(lambda: Captioner(config.model, rngs=nnx.Rngs(config.seed)))
     graphdef, abstract, rng_state = nnx.split(abstract_model, nnx.Param, ...)
-    abstract = abstract.to_pure_dict()
-    params = _restore(workdir, step, abstract, jax.tree.map(lambda _: parallel.replicated(mesh), abstract))
+    params = _restore_replicated(workdir, step, abstract.to_pure_dict(), mesh)
     return LoadedReranker(workdir=os.path.abspath(workdir), config=config, graphdef=graphdef,
                           rng_state=rng_state.to_pure_dict(), params=params, step=step)

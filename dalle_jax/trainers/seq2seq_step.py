@@ -38,9 +38,7 @@ class Setup:
     @property
     def empty_text_ids(self) -> np.ndarray:
         """The empty caption: `<s></s>` then padding."""
-        ids = np.full((self.config.model.text_length,), text_lib.PAD_ID, np.int32)
-        ids[:2] = (text_lib.BOS_ID, text_lib.EOS_ID)
-        return ids
+        return text_lib.empty_caption_ids(int(self.config.model.text_length))
 
     def model(self, params, dropout_key: jax.Array | None = None) -> DalleBart:
         """The model with `params`; its dropout streams are seeded from `dropout_key` (any fixed key if None)."""
