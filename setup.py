@@ -27,6 +27,14 @@ setup(
         "msgpack>=1,<2",  # the image-token records (dalle_jax.data.token_records)
         "numpy>=2.0,<3",
     ],
+    entry_points={"console_scripts": [
+        "dalle-jax-train = dalle_jax.train:cli",
+        "dalle-jax-sample = dalle_jax.inference.sample:cli",
+        "dalle-jax-export = dalle_jax.interop.export:main",
+        "dalle-jax-import = dalle_jax.interop.import_weights:main",
+        "dalle-jax-evaluate = dalle_jax.shapes.evaluate_samples:cli",
+        "dalle-jax-demo = dalle_jax.demo.stages:cli",
+    ]},
     extras_require={
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "filelock>=3.12,<5"],  # -n 2: two workers; shared runs
         # Interop tests: the other frameworks' own modules. taming-transformers-rom1504 is installed apart, with

@@ -32,11 +32,11 @@ def main():
     for name, topology in RECIPES:
         if args.only not in name:
             continue
-        config = importlib.import_module(f"configs.{name}").get_config("")
+        config = importlib.import_module(f"dalle_jax.configs.{name}").get_config("")
         hlo_path = os.path.join(args.hlo_dir, f"{name}_{topology.replace(':', '_')}.hlo.txt") if args.hlo_dir else None
         report = aot.compile_for_topology(config, topology, hlo_path=hlo_path)
-        print(f"configs/{name}.py: {report.text()}", flush=True)
-        reports.append(dict(config=f"configs/{name}.py", **report.as_dict()))
+        print(f"{name}: {report.text()}", flush=True)
+        reports.append(dict(config=name, **report.as_dict()))
     print(json.dumps({"reports": reports}))
 
 

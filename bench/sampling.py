@@ -34,7 +34,7 @@ import torch  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from bench.min_dalle_peer import IMAGE_LENGTH, MinDallePeer  # noqa: E402
-from configs import dalle_mini  # noqa: E402
+from dalle_jax.configs import dalle_mini  # noqa: E402
 from dalle_jax.inference import sampling
 from dalle_jax.data import text as text_lib  # noqa: E402
 from dalle_jax.models.dalle_bart import DalleBart  # noqa: E402

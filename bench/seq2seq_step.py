@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import dalle_mini, shapes_dalle  # noqa: E402
+from dalle_jax.configs import dalle_mini, shapes_dalle  # noqa: E402
 from dalle_jax import parallel  # noqa: E402
 from dalle_jax.data import text as text_lib  # noqa: E402
 from dalle_jax.models import dalle_bart  # noqa: E402

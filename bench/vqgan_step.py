@@ -1,11 +1,10 @@
-"""Times the VQGAN train step: `python bench/vqgan_step.py [--config configs/shapes_vqgan.py] [--steps 10]`.
+"""Times the VQGAN train step: `python bench/vqgan_step.py [--config shapes_vqgan] [--steps 10]`.
 
 Prints the compile time, the median step time, images/s and the compiler's FLOP count; the final line is one JSON
 object. The step is measured with the GAN terms on (the most expensive phase) and off.
 """
 import argparse
 import functools
-import importlib
 import json
 import os
 import platform
@@ -18,16 +17,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dalle_jax import parallel  # noqa: E402
+from dalle_jax import parallel, recipes  # noqa: E402
 from dalle_jax.trainers import vqgan_step  # noqa: E402
 from dalle_jax.training import throughput  # noqa: E402
 
 
-def load_config(spec: str):
-    """`configs/NAME.py[:variant]`, as train.py takes it."""
-    path, _, arg = spec.partition(":")
-    module = importlib.import_module(f"configs.{os.path.splitext(os.path.basename(path))[0]}")
-    return module.get_config(arg)
 
 
 def measure(config, steps: int, gan_on: bool) -> dict:
@@ -61,10 +55,10 @@ def measure(config, steps: int, gan_on: bool) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="configs/shapes_vqgan.py")
+    parser.add_argument("--config", default="shapes_vqgan")
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    config = load_config(args.config)
+    config = recipes.load(args.config)
     peak = throughput.matmul_peak_flops() / 1e9
     results = [measure(config, args.steps, gan_on) for gan_on in (False, True)]
     print(f"f32 matmul peak measured here: {peak:.1f} GFLOP/s")

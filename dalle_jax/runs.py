@@ -38,10 +38,10 @@ TOKENIZER_FILE = "tokenizer.model"  # a seq2seq run's sentencepiece model (min-d
 TOKENIZER_FILES = (TOKENIZER_FILE, min_dalle_tokenizer.VOCAB_FILE, min_dalle_tokenizer.MERGES_FILE)
 # What each trainer's run is called in messages, and the command that makes one.
 KINDS = {
-    "vqgan": ("VQGAN", "python train.py --config configs/shapes_vqgan.py --workdir {workdir}"),
-    "seq2seq": ("seq2seq", "python train.py --config configs/shapes_dalle.py --workdir {workdir} "
+    "vqgan": ("VQGAN", "dalle-jax-train --config shapes_vqgan --workdir {workdir}"),
+    "seq2seq": ("seq2seq", "dalle-jax-train --config shapes_dalle --workdir {workdir} "
                            "--config.vqgan_workdir=runs/vqgan"),
-    "captioner": ("reranker", "python train.py --config configs/shapes_captioner.py --workdir {workdir} "
+    "captioner": ("reranker", "dalle-jax-train --config shapes_captioner --workdir {workdir} "
                               "--config.seq2seq_workdir=runs/dalle"),
 }
 

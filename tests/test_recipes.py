@@ -12,7 +12,7 @@ from dalle_jax.trainers import seq2seq_step
 
 
 def recipe(name: str):
-    return importlib.import_module(f"configs.{name}").get_config("")
+    return importlib.import_module(f"dalle_jax.configs.{name}").get_config("")
 
 
 def parameter_count(module) -> int:

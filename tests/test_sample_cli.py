@@ -9,7 +9,7 @@ import pytest
 from absl import app, flags
 from PIL import Image
 
-import sample
+from dalle_jax.inference import sample
 from dalle_jax.inference import text_to_image as pipeline, sampling
 from dalle_jax.inference.text_to_image import TextToImage
 from tests.conftest import REPO, subprocess_env

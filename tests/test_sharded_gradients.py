@@ -13,7 +13,7 @@ from tests.conftest import REPO, subprocess_env
 SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
-    from configs import shapes_vqgan
+    from dalle_jax.configs import shapes_vqgan
     from dalle_jax import parallel
     from dalle_jax.models.discriminator import PatchDiscriminator
     from dalle_jax.models.vqgan import VQGAN

@@ -15,7 +15,7 @@ _MEASURE = r"""
 import json
 import jax
 import numpy as np
-from configs import shapes_dalle
+from dalle_jax.configs import shapes_dalle
 from dalle_jax import parallel
 from dalle_jax.pods import aot
 from dalle_jax.trainers import seq2seq_step

@@ -1,6 +1,5 @@
-"""`python -m dalle_jax.demo --root runs/demo`: the whole captioned_shapes pipeline and its judged report."""
-from absl import app
+"""`python -m dalle_jax.demo --root runs/demo` (or `dalle-jax-demo`): the whole captioned_shapes pipeline and its
+judged report."""
+from dalle_jax.demo.stages import cli
 
-from dalle_jax.demo.stages import main
-
-app.run(main)
+cli()

@@ -18,7 +18,7 @@ import time
 
 from absl import app, flags
 
-from configs import shapes_captioner, shapes_dalle, shapes_vqgan
+from dalle_jax.configs import shapes_captioner, shapes_dalle, shapes_vqgan
 from dalle_jax.demo import reuse
 
 _ROOT = flags.DEFINE_string("root", "runs/demo", "Directory of the demo's work directories and outputs.")
@@ -151,3 +151,8 @@ def main(argv):
     report = run_demo(_ROOT.value, _MAX_EXAMPLES.value)
     print(json.dumps(report, indent=2))
 
+
+
+def cli() -> None:
+    """The `dalle-jax-demo` command."""
+    app.run(main)

@@ -8,7 +8,7 @@
 Image i of a request (prompt i // num_images) draws its randomness from (seed, i) alone, so it comes out the
 same whatever the batch size and the number of devices. With `candidates=K`, image i is the one of K drawn from
 (seed, i*K), ..., (seed, i*K + K-1) that scores highest: by default the seq2seq model's log p(image | prompt); with a
-reranker (`reranker_workdir=`, a caption model trained by `configs/shapes_captioner.py`) its log p(prompt | image),
+reranker (`reranker_workdir=`, a caption model trained by `the shapes_captioner recipe`) its log p(prompt | image),
 which reads the picture (its codes' appearance, or its decoded pixels) and so tells a right one from a wrong one
 the seq2seq model finds just as likely. K=1 draws image i from (seed, i) itself. Requests are cut into batches of
 `batch_size` draws (batch_size // K images, at least one), each split over the mesh's data-parallel axes; the last
@@ -304,7 +304,7 @@ def _check_reranker(config, reranker_workdir: str, seq2seq_config, seq2seq_workd
     if config.get("tokenizer_sha256") != runs.tokenizer_fingerprint(seq2seq_workdir):
         raise ValueError(f"The reranker in {reranker_workdir} was trained with the tokenizer of "
                          f"{config.seq2seq_workdir!r}, not that of {seq2seq_workdir}, so it would read other words "
-                         "into the prompts' ids. Train a reranker for this run (configs/shapes_captioner.py with "
+                         "into the prompts' ids. Train a reranker for this run (the shapes_captioner recipe with "
                          f"--config.seq2seq_workdir={seq2seq_workdir}).")
     if captioner_lib.reads(config.model) == "code_features":
         theirs = (config.model.image_length, config.model.image_vocab_size)

@@ -26,7 +26,7 @@ def import_min_dalle(src: str, workdir: str, *, detoker: str | None = None, head
     from dalle_jax.data import min_dalle_tokenizer
     from dalle_jax.models.dalle_bart import DalleBart
     from dalle_jax.models.vqgan import VQGAN
-    from configs import seq2seq_common
+    from dalle_jax.configs import seq2seq_common
 
     if not min_dalle_tokenizer.has_files(src):
         raise FileNotFoundError(f"{src!r} lacks {min_dalle_tokenizer.VOCAB_FILE} / {min_dalle_tokenizer.MERGES_FILE}; "

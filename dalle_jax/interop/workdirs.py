@@ -14,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs import seq2seq_common, vqgan_common
+from dalle_jax.configs import seq2seq_common, vqgan_common
 from dalle_jax.training import checkpointing
 from dalle_jax import runs
 

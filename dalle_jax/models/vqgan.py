@@ -25,7 +25,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     missing = [f for f in CONFIG_FIELDS if f not in cfg]
     if missing:
         raise ValueError(f"VQGAN config is missing the fields {missing}; every one of {list(CONFIG_FIELDS)} is "
-                         f"needed (see configs/vqgan_common.py).")
+                         f"needed (see dalle_jax/configs/vqgan_common.py).")
     if len(cfg.ch_mult) == 0:
         raise ValueError("ch_mult=() must list at least one channel multiplier, e.g. (1, 2, 2).")
     factor = 2 ** (len(cfg.ch_mult) - 1)

@@ -1,6 +1,6 @@
 """Judged evaluation of a seq2seq run: sample one image per captioned scene and check it shows the scene.
 
-    python -m dalle_jax.shapes.evaluate_samples --workdir runs/dalle --out report.json \
+    dalle-jax-evaluate --workdir runs/dalle --out report.json \
         [--split test --split test_compositional] [--prompts_file scenes.jsonl] [--max_examples 200]
 
 The examples come from the work directory's image-token records (caption = the record's first, canonical
@@ -182,8 +182,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("vqgan_workdir", None, "The VQGAN's work directory (default: the run's "
                         "config.vqgan_workdir).", **fv)
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).", **fv)
-    flags.DEFINE_string("reranker_workdir", None, "A caption model trained for this run (configs/"
-                        "shapes_captioner.py): with --candidates K > 1 it picks the draw whose picture it finds the "
+    flags.DEFINE_string("reranker_workdir", None, "A caption model trained for this run (the "
+                        "shapes_captioner recipe): with --candidates K > 1 it picks the draw whose picture it finds the "
                         "prompt likeliest for, instead of the seq2seq model's likelihood.", **fv)
     flags.mark_flags_as_required(["workdir", "out"], flag_values=flag_values)
 
@@ -205,7 +205,7 @@ def run(fv: flags.FlagValues) -> dict:
         read_prompts_file(fv.prompts_file, fv.max_examples)
     if fv.reranker_workdir is not None and not os.path.isdir(fv.reranker_workdir):
         raise app.UsageError(f"--reranker_workdir={fv.reranker_workdir!r} does not exist; train a caption model "
-                             "with configs/shapes_captioner.py, or leave the flag out.")
+                             "with the shapes_captioner recipe, or leave the flag out.")
     pipe = TextToImage.from_workdir(fv.workdir, vqgan_workdir=fv.vqgan_workdir, step=fv.step,
                                     batch_size=fv.batch_size, reranker_workdir=fv.reranker_workdir)
     report = evaluate_samples(pipe, splits=fv.split, prompts_file=fv.prompts_file, max_examples=fv.max_examples,
@@ -223,6 +223,11 @@ def main(argv):
     run(flags.FLAGS)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The `dalle-jax-evaluate` command."""
     define_flags()
     app.run(main)
+
+
+if __name__ == "__main__":
+    cli()

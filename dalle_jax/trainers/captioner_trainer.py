@@ -1,6 +1,6 @@
 """Trains the caption model that reranks a seq2seq run's candidates: data -> state -> loop -> test figures.
 
-    python train.py --config configs/shapes_captioner.py --workdir runs/reranker --config.seq2seq_workdir=runs/dalle
+    dalle-jax-train --config shapes_captioner --workdir runs/reranker --config.seq2seq_workdir=runs/dalle
 
 It reads the seq2seq run's tokenizer, encoded records and VQGAN; nothing of that run changes. Sampling with
 `--reranker_workdir runs/reranker` then keeps, of each image's candidates, the one whose picture this model finds

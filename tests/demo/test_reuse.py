@@ -4,7 +4,7 @@ import os
 
 import ml_collections
 
-from configs import shapes_captioner, shapes_dalle
+from dalle_jax.configs import shapes_captioner, shapes_dalle
 from dalle_jax.demo import reuse as demo_reuse
 
 

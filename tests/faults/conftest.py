@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from configs import shapes_vqgan
+from dalle_jax.configs import shapes_vqgan
 from dalle_jax.training.metrics import read_metrics
 from tests.conftest import REPO, subprocess_env
 
@@ -38,7 +38,7 @@ def checkpoint_dirs(workdir) -> list[str]:
 def start_faulty_training(workdir, data_dir, compilation_cache, *fault_flags, devices=1):
     """train.py under tests/faults/train_with_faults.py, in a process of its own."""
     command = [sys.executable, "-m", "tests.faults.train_with_faults", *fault_flags, "--",
-               f"--config={REPO}/configs/shapes_vqgan.py:tiny", f"--workdir={workdir}", *cli_overrides(data_dir)]
+               f"--config=shapes_vqgan:tiny", f"--workdir={workdir}", *cli_overrides(data_dir)]
     return subprocess.Popen(command, cwd=REPO, env=subprocess_env(compilation_cache, devices),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -78,7 +78,7 @@ BAD_CONFIGS = {  # name: (trainer, overrides)
 
 def bad_config_errors(data_dir: str, vqgan_workdir: str, scratch: str) -> dict:
     """Each bad config's error message, and the programs lowered or compiled before it was raised."""
-    from configs import shapes_dalle
+    from dalle_jax.configs import shapes_dalle
     from dalle_jax.trainers import seq2seq_trainer as seq2seq
     events = []
     lowering_or_compiling = ("/jax/core/compile/jaxpr_to_mlir_module_duration",

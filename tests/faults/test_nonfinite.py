@@ -66,7 +66,7 @@ def test_too_many_skips_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
 
 
 def test_seq2seq_step_skips_a_non_finite_update(compilation_cache):
-    from configs import shapes_dalle
+    from dalle_jax.configs import shapes_dalle
     from dalle_jax.trainers import seq2seq_step
     config = shapes_dalle.get_config("tiny")
     config.optimizer.learning_rate = float("inf")  # finite loss and gradients, infinite update

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import shapes_dalle, shapes_vqgan
+from dalle_jax.configs import shapes_dalle, shapes_vqgan
 from dalle_jax import parallel
 from dalle_jax.inference import sampling
 from dalle_jax import runs

@@ -10,7 +10,7 @@ import torch
 from flax import nnx
 
 import dalle_jax  # noqa: F401  (sets the flax config the project relies on)
-from configs import seq2seq_common
+from dalle_jax.configs import seq2seq_common
 from dalle_jax.models.dalle_bart import DalleBart
 from dalle_jax.models.vqgan import VQGAN
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import shapes_vqgan
+from dalle_jax.configs import shapes_vqgan
 from dalle_jax.interop import import_weights
 from dalle_jax.data import min_dalle_tokenizer
 from dalle_jax.interop import safetensors_format

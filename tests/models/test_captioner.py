@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import shapes_captioner
+from dalle_jax.configs import shapes_captioner
 from dalle_jax.data.text import BOS_ID, EOS_ID, PAD_ID
 from dalle_jax.models.captioner import Captioner, validate_config
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import shapes_dalle
+from dalle_jax.configs import shapes_dalle
 from dalle_jax.pods import aot
 from tests.conftest import REPO, subprocess_env
 
@@ -72,7 +72,7 @@ def test_unknown_chip_is_named():
 
 
 def _aot_cli(cache, *overrides):
-    command = [TPU_PYTHON, "train.py", "--config", "configs/shapes_dalle.py:tiny", "--aot_topology", "v5e:2x2",
+    command = [TPU_PYTHON, "train.py", "--config", "shapes_dalle:tiny", "--aot_topology", "v5e:2x2",
                *overrides]
     env = subprocess_env(cache)
     del env["JAX_PLATFORMS"]

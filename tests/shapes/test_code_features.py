@@ -122,7 +122,7 @@ def test_features_get_no_gradient_and_no_weight_decay():
 
 
 def optimizers_config():
-    from configs import seq2seq_common
+    from dalle_jax.configs import seq2seq_common
     opt_cfg = seq2seq_common.base_config().optimizer
     opt_cfg.weight_decay = 0.1  # decay would shrink the table if the mask let it
     opt_cfg.warmup_steps = 1

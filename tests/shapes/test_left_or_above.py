@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from configs import shapes_dalle
+from dalle_jax.configs import shapes_dalle
 from dalle_jax.data import pipeline
 from dalle_jax.shapes import left_or_above
 from dalle_jax.trainers import seq2seq_step

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import shapes_captioner
+from dalle_jax.configs import shapes_captioner
 from dalle_jax import parallel
 from dalle_jax import runs
 from dalle_jax.data import shapes_scene, text as text_lib, token_records

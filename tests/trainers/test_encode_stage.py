@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import shapes_vqgan
+from dalle_jax.configs import shapes_vqgan
 from dalle_jax import parallel
 from dalle_jax.data import pipeline, shapes_scene, sources, token_records
 from dalle_jax.trainers import encode_stage, vqgan_step
@@ -148,14 +148,14 @@ def test_fingerprint_follows_the_checkpoint(vqgan_workdir, vqgan, mesh):
 
 
 def test_loader_errors_name_the_problem_and_the_fix(tmp_path, vqgan_workdir):
-    with pytest.raises(FileNotFoundError, match="does not exist. Train one with `python train.py"):
+    with pytest.raises(FileNotFoundError, match="does not exist. Train one with `dalle-jax-train"):
         runs.load_vqgan(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="not a dalle_jax work directory"):
         runs.load_vqgan(str(tmp_path))
     config = vqgan_workdir[1].copy_and_resolve_references()
     runs.save_config(config, str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*checkpoints yet.*python train.py --config "
-                                                r"configs/shapes_vqgan.py --workdir"):
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*checkpoints yet.*dalle-jax-train --config "
+                                                r"shapes_vqgan --workdir"):
         runs.load_vqgan(str(tmp_path))
     config.trainer = "seq2seq"
     runs.save_config(config, str(tmp_path))

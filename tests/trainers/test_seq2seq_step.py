@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import shapes_dalle
+from dalle_jax.configs import shapes_dalle
 from dalle_jax import parallel
 from dalle_jax.trainers import seq2seq_step
 from tests.conftest import REPO, subprocess_env
@@ -70,7 +70,7 @@ def test_blank_captions_rate_follows_the_probability():
 SHARDING_SCRIPT = r"""
 import json, jax
 from flax import nnx
-from configs import shapes_dalle
+from dalle_jax.configs import shapes_dalle
 from dalle_jax import parallel
 from dalle_jax.trainers import seq2seq_step
 config = shapes_dalle.get_config("tiny")

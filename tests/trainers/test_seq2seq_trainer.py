@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from configs import shapes_dalle, shapes_vqgan
+from dalle_jax.configs import shapes_dalle, shapes_vqgan
 from dalle_jax import parallel
 from dalle_jax.data import text as text_lib, token_records
 from dalle_jax import runs
@@ -192,7 +192,7 @@ def test_code_features_are_measured_stored_and_loaded_in_the_plain_layout(tmp_pa
 
 
 def cli_args(data_dir, vqgan_dir):
-    return [f"--config={REPO}/configs/shapes_dalle.py:tiny", f"--config.data.data_dir={data_dir}",
+    return [f"--config=shapes_dalle:tiny", f"--config.data.data_dir={data_dir}",
             f"--config.vqgan_workdir={vqgan_dir}"]
 
 

@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from configs import shapes_vqgan
+from dalle_jax.configs import shapes_vqgan
 from dalle_jax.training.metrics import read_metrics
 from tests.pods import multihost_runs
 from tests.conftest import REPO, TINY_SPLITS, once_per_session
@@ -85,7 +85,7 @@ def mesh8_run(tmp_path_factory, shapes_data_dir, compilation_cache):
 
 
 def cli_args(data_dir):
-    return [f"--config={REPO}/configs/shapes_vqgan.py:tiny", f"--config.data.data_dir={data_dir}"]
+    return [f"--config=shapes_vqgan:tiny", f"--config.data.data_dir={data_dir}"]
 
 
 def test_eight_device_mesh_matches_one_device(full_run, mesh8_run):

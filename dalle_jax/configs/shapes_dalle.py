@@ -5,7 +5,7 @@ Needs the VQGAN of `configs/shapes_vqgan.py` (8x8 codes from 1,024): pass its wo
 """
 import ml_collections
 
-from configs import common, seq2seq_common
+from dalle_jax.configs import common, seq2seq_common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -6,7 +6,7 @@ Variants: `configs/shapes_captioner.py` (default) and `:tiny` (tests).
 """
 import ml_collections
 
-from configs import common
+from dalle_jax.configs import common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

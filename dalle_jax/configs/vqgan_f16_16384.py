@@ -7,7 +7,7 @@ of 16 (README, "Training on a TPU pod"); 16 images per chip do not fit a v5e chi
 """
 import ml_collections
 
-from configs import vqgan_common
+from dalle_jax.configs import vqgan_common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

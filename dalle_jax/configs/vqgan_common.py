@@ -1,7 +1,7 @@
 """Fields shared by every VQGAN recipe; each recipe starts from `base_config` and sets its sizes."""
 import ml_collections
 
-from configs import common
+from dalle_jax.configs import common
 
 
 def base_config(image_size: int) -> ml_collections.ConfigDict:

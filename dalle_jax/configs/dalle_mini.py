@@ -7,7 +7,7 @@ device (FSDP); compute is bf16 over f32 master weights. Compiled ahead of time f
 """
 import ml_collections
 
-from configs import common, seq2seq_common
+from dalle_jax.configs import common, seq2seq_common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -8,7 +8,7 @@ moments. Compiled ahead of time at a global batch of 2048 (README, "Training on 
 """
 import ml_collections
 
-from configs import common, seq2seq_common
+from dalle_jax.configs import common, seq2seq_common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

@@ -4,7 +4,7 @@ Variants: `configs/shapes_vqgan.py` (default) and `configs/shapes_vqgan.py:tiny`
 """
 import ml_collections
 
-from configs import common, vqgan_common
+from dalle_jax.configs import common, vqgan_common
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
