@@ -12,7 +12,7 @@ reports its per-chip memory, FLOPs, estimated step time and MFU (needs libtpu: `
 """
 from absl import app, flags, logging
 
-from dalle_jax import recipes
+from dalle_jax import command_line, recipes
 
 _CONFIG = recipes.define_flag("config")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Work directory: config, checkpoints, metrics, samples.")
@@ -62,7 +62,7 @@ def main(argv):
 
 def cli() -> None:
     """The `dalle-jax-train` command."""
-    app.run(main)
+    command_line.run(main, __name__, recipes.__name__)
 
 
 if __name__ == "__main__":

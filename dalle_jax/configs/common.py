@@ -7,6 +7,25 @@ import ml_collections
 CPU_SHAPES_SPLIT_SIZES = dict(train=20_000, validation=2_000, test=2_000, test_compositional=1_000)
 
 
+# Image sides the recipes for your own images (images_vqgan, images_dalle) are sized for on a 2-core CPU.
+IMAGE_SIZES = (32, 64)
+# Their VQGANs downsample by 4 (three levels), so an image of side S gives (S / 4)**2 image tokens.
+DOWNSAMPLING = 4
+
+
+def parse_size_variant(arg: str, recipe: str) -> tuple[int, bool]:
+    """A recipe variant `[SIZE][,tiny]` -> (image side, tiny): "" (32), "64", "tiny", "64,tiny"."""
+    parts = [p.strip() for p in arg.split(",")] if arg else []
+    sizes = [p for p in parts if p.isdigit() and int(p) in IMAGE_SIZES]
+    tiny = parts.count("tiny")
+    if len(sizes) > 1 or tiny > 1 or len(sizes) + tiny != len(parts):
+        raise ValueError(
+            f"Unknown variant {arg!r} of {recipe}: give an image size ({', '.join(map(str, IMAGE_SIZES))}; "
+            f"default {IMAGE_SIZES[0]}), 'tiny' (tests), or both, e.g. {recipe}:64, {recipe}:tiny, "
+            f"{recipe}:64,tiny.")
+    return (int(sizes[0]) if sizes else IMAGE_SIZES[0]), bool(tiny)
+
+
 def mesh_config() -> ml_collections.ConfigDict:
     mesh = ml_collections.ConfigDict()
     mesh.data = -1  # Data-parallel axis size (-1: whatever the other axes leave).

@@ -3,6 +3,14 @@ import ml_collections
 
 from dalle_jax.configs import common
 
+# captioned_shapes captions of every kind: one object, two objects, each relation.
+SHAPES_PROMPTS = (
+    "a small red circle in the top left",
+    "a large blue square in the center",
+    "a green triangle above a purple circle",
+    "a yellow square to the left of a orange square",
+)
+
 
 def base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
@@ -78,12 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.optimizer.accumulation_steps = 1  # Micro-batches per update; each is batch_size / this.
 
     config.sampling = ml_collections.ConfigDict()
-    config.sampling.prompts = (  # Captions sampled at every evaluation for the sample grid.
-        "a small red circle in the top left",
-        "a large blue square in the center",
-        "a green triangle above a purple circle",
-        "a yellow square to the left of a orange square",
-    )
+    config.sampling.prompts = SHAPES_PROMPTS  # Captions sampled at every evaluation for the sample grid.
     config.sampling.images_per_prompt = 4  # Images per prompt in the grid.
     config.sampling.temperature = 1.0  # Softmax temperature.
     config.sampling.top_k = 64  # Sample among the k most likely codes (0: all).

@@ -18,6 +18,7 @@ import time
 
 from absl import app, flags
 
+from dalle_jax import command_line
 from dalle_jax.configs import shapes_captioner, shapes_dalle, shapes_vqgan
 from dalle_jax.demo import reuse
 
@@ -155,4 +156,4 @@ def main(argv):
 
 def cli() -> None:
     """The `dalle-jax-demo` command."""
-    app.run(main)
+    command_line.run(main, __name__)

@@ -17,6 +17,7 @@ import os
 from absl import app, flags, logging
 from PIL import Image
 
+from dalle_jax import command_line
 from dalle_jax.inference.text_to_image import DEFAULT_BATCH_SIZE, TextToImage
 from dalle_jax.inference.sampling import SamplingSettings
 
@@ -125,7 +126,7 @@ def main(argv):
 def cli() -> None:
     """The `dalle-jax-sample` command (`python sample.py` is the same)."""
     define_flags()
-    app.run(main)
+    command_line.run(main, __name__)
 
 
 if __name__ == "__main__":

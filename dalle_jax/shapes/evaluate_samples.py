@@ -32,6 +32,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags, logging
 
+from dalle_jax import command_line
 from dalle_jax.data import shapes_scene, token_records
 from dalle_jax.shapes import judge as judge_lib, report_file
 from dalle_jax.inference.text_to_image import TextToImage
@@ -226,7 +227,7 @@ def main(argv):
 def cli() -> None:
     """The `dalle-jax-evaluate` command."""
     define_flags()
-    app.run(main)
+    command_line.run(main, __name__)
 
 
 if __name__ == "__main__":
