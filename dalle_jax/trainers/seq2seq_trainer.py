@@ -16,21 +16,25 @@ import ml_collections
 import numpy as np
 
 from dalle_jax import extensions, parallel, runs
-from dalle_jax.data import pipeline, token_records
+from dalle_jax.data import pipeline, sources, split_checks, token_records
 from dalle_jax.models import dalle_bart
-from dalle_jax.trainers import encode_stage, init_from, run_ends, seq2seq_samples, seq2seq_step, text_stage
+from dalle_jax.trainers import encode_stage, init_from, run_ends, seq2seq_samples, seq2seq_step, text_stage, vqgan_dataset
 from dalle_jax.training import loop, throughput
 from dalle_jax.training.progress import Progress
+
+SAMPLE_PROMPTS = 4  # Prompts of the sample grid taken from `validation` when config.sampling.prompts is empty.
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict | None:
     """Runs (or resumes) training in `workdir`; returns the final test-split figures (None when `stop_after`, SIGTERM
     or SIGINT ends this invocation early, after checkpointing; a later call resumes from there)."""
-    # 1. Devices, checks that need no compilation, and the run's record.
+    # 1. The data (the VQGAN's dataset unless the config names one), devices, checks that need no compilation.
     if not config.vqgan_workdir:
         raise ValueError("config.vqgan_workdir is empty: pass the work directory of a trained VQGAN, e.g. "
                          "--config.vqgan_workdir=runs/vqgan.")
+    config = vqgan_dataset.resolve(config)  # a copy; the run's record holds what it read
     seq2seq_step.check_config(config)  # with the checks of config.extensions
+    split_checks.check_data_config(config.data)
     first_params = init_from.find_start(config, workdir)  # imported weights or config.init_from, checked
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_global_batch(config.data.batch_size, mesh)
@@ -39,6 +43,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     if (described := _describe_vqgan(config.vqgan_workdir)) is not None:
         _check_matches_vqgan(config, described)  # from the VQGAN's config alone, before anything is compiled
     vqgan = runs.load_vqgan(config.vqgan_workdir, mesh)
+    sizes = split_checks.split_sizes(sources.prepare(config.data))
+    config.data.eval_batch_size = split_checks.fitted_eval_batch(
+        config.data, sizes, split_checks.batch_multiple(parallel.batch_parallelism(mesh), jax.process_count()))
+    final_split = split_checks.final_split(sizes)
     runs.save_config(config, workdir)
 
     # 2. The image-token dataset (encoded once by this VQGAN) and the text tokenizer (trained once).
@@ -46,6 +54,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     encode_stage.encode_dataset(config.data, vqgan, encoded_dir, mesh, batch_size=config.data.encode_batch_size)
     train_source = token_records.open_split(encoded_dir, "train")
     tokenizer = text_stage.prepare_tokenizer(config, workdir, _all_captions(train_source))
+    if not config.sampling.prompts:  # the sample grid shows the first captions of `validation`
+        config.sampling.prompts = _first_captions(token_records.open_split(encoded_dir, split_checks.EVALUATED))
+        runs.save_config(config, workdir)
     train_captions = pipeline.caption_and_codes(
         tokenizer, config.model.text_length, random_caption=True, canonical_prob=config.data.canonical_caption_prob,
         train_caption=_train_caption(config))
@@ -99,10 +110,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
         progress=Progress(config.num_steps, start, "seq2seq"), rates=rates,
         shown=dict(loss="loss", accuracy="token_accuracy", mfu="mfu"))
 
-    # 7. Final figures on the test split, once the run has trained all its steps.
+    # 7. Final figures on the test split (validation where the dataset has none), once the run has trained all its
+    # steps.
     def final_figures():
-        test = token_records.open_split(encoded_dir, "test")
-        return _evaluate(config, eval_step, mesh, test, eval_transform, state["params"], -1), "test"
+        source = token_records.open_split(encoded_dir, final_split)
+        return _evaluate(config, eval_step, mesh, source, eval_transform, state["params"], -1), final_split
 
     return run_ends.end(config, workdir, writer, last_trained, final_figures)
 
@@ -155,6 +167,18 @@ def _check_matches_vqgan(config, vqgan) -> None:
         raise ValueError(f"The VQGAN in {vqgan.workdir} gives {vqgan.grid_size}x{vqgan.grid_size} codes per image "
                          f"but config.model.image_length={config.model.image_length}; set "
                          f"config.model.image_length={vqgan.grid_size ** 2}.")
+
+
+def _first_captions(source, count: int = SAMPLE_PROMPTS) -> tuple[str, ...]:
+    """The first caption of each of the first `count` records with distinct ones."""
+    captions = []
+    for i in range(len(source)):
+        caption = source[i]["captions"][0]
+        if caption not in captions:
+            captions.append(caption)
+        if len(captions) == count:
+            break
+    return tuple(captions)
 
 
 def _all_captions(source):

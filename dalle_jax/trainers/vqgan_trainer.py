@@ -4,6 +4,7 @@ Read top to bottom; every piece it calls is a small module of its own.
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import jax
@@ -11,7 +12,7 @@ import ml_collections
 import numpy as np
 
 from dalle_jax import extensions, parallel, runs
-from dalle_jax.data import captioned_folder, image_grid, pipeline, sources
+from dalle_jax.data import captioned_folder, image_grid, pipeline, sources, split_checks
 from dalle_jax.models import quantizer as vq
 from dalle_jax.trainers import init_from, run_ends, vqgan_step
 from dalle_jax.training import loop
@@ -25,16 +26,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     call resumes from there. It returns None then, and also when SIGTERM or SIGINT stopped it (after checkpointing
     the current step).
     """
-    # 1. Devices, the extensions' checks and the run's record.
+    # 1. Devices, the extensions' checks and the data's.
+    config = copy.deepcopy(config)  # the evaluation batch may be fitted to the splits below
     extensions.check_config(config)
+    split_checks.check_data_config(config.data)
     first_params = init_from.find_start(config, workdir)  # imported weights or config.init_from, checked
     mesh = parallel.make_mesh(config.mesh)
     parallel.check_global_batch(config.data.batch_size, mesh)
     parallel.check_global_batch(config.data.eval_batch_size, mesh, "config.data.eval_batch_size")
-    runs.save_config(config, workdir)
 
-    # 2. Data: prepared on first use, read by grain with a checkpointable position.
+    # 2. Data: prepared on first use, its splits checked against the batches, read by grain with a checkpointable
+    # position; then the run's record.
     builder = sources.prepare(config.data)
+    sizes = split_checks.split_sizes(builder)
+    config.data.eval_batch_size = split_checks.fitted_eval_batch(
+        config.data, sizes, split_checks.batch_multiple(parallel.batch_parallelism(mesh), jax.process_count()))
+    runs.save_config(config, workdir)
     transform = pipeline.image_transform(config.data.image_key, config.data.image_size)
     train_iter = pipeline.train_iterator(
         sources.open_split(builder, "train", config.data), transform, global_batch=config.data.batch_size,
@@ -78,7 +85,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     # 6. Final figures on the test split (validation where the dataset has none), with those of the extensions'
     # `evaluate_reconstructions`, once the run has trained all its steps.
     def final_figures():
-        split = "test" if "test" in builder.info.splits else "validation"
+        split = split_checks.final_split(sizes)
         return evaluate(state["params"], split, -1, final=True)[0], split
 
     return run_ends.end(config, workdir, writer, last_trained, final_figures)
