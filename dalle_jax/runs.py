@@ -9,6 +9,9 @@ is not used: it may name more devices than the machine loading it has.
     seq2seq = runs.load_seq2seq("runs/dalle")          # DalleBart, its tokenizer, its config
     vqgan = runs.load_vqgan(seq2seq.config.vqgan_workdir)
     reranker = runs.load_reranker("runs/reranker")     # the caption model that picks among candidates
+
+A reranker that finishes training registers itself in the seq2seq run it serves (`reranker.json`, see
+`register_reranker`), so sampling that run picks among candidates with it unless told otherwise.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from typing import Any
 
 import jax
@@ -34,6 +38,7 @@ from dalle_jax.models.vqgan import VQGAN
 from dalle_jax.training import checkpointing, gan_losses
 
 CONFIG_FILE = "config.json"
+RERANKER_FILE = "reranker.json"  # in a seq2seq run: the reranker sampling uses by default (`register_reranker`)
 TOKENIZER_FILE = "tokenizer.model"  # a seq2seq run's sentencepiece model (min-dalle imports keep their BPE files)
 TOKENIZER_FILES = (TOKENIZER_FILE, min_dalle_tokenizer.VOCAB_FILE, min_dalle_tokenizer.MERGES_FILE)
 # What each trainer's run is called in messages, and the command that makes one.
@@ -284,3 +289,61 @@ def load_reranker(workdir: str, mesh: Mesh | None = None, *, step: int | None = 
     params = _restore_replicated(workdir, step, abstract.to_pure_dict(), mesh)
     return LoadedReranker(workdir=os.path.abspath(workdir), config=config, graphdef=graphdef,
                           rng_state=rng_state.to_pure_dict(), params=params, step=step)
+
+
+# Which reranker a seq2seq run samples with by default.
+
+def register_reranker(seq2seq_workdir: str, reranker_workdir: str, step: int) -> str:
+    """Records in `seq2seq_workdir/reranker.json` that the caption model in `reranker_workdir`, finished at `step`,
+    is the run's reranker, replacing any earlier one; returns the file's path. Written by process 0 alone, whole or
+    not at all (a temporary file renamed over the old one).
+
+    The path is kept relative to the seq2seq run, so the two survive moving the directory that holds both (as
+    `make demo`'s ROOT/dalle and ROOT/reranker); the absolute path is the fallback for a seq2seq run moved alone."""
+    path = os.path.join(seq2seq_workdir, RERANKER_FILE)
+    if jax.process_index() != 0:
+        return path
+    absolute = os.path.abspath(reranker_workdir)
+    entry = dict(workdir=os.path.relpath(absolute, os.path.abspath(seq2seq_workdir)), absolute_workdir=absolute,
+                 step=int(step), registered=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(entry, f, indent=2)
+        f.write("\n")
+    os.replace(temporary, path)
+    return path
+
+
+def registered_reranker(seq2seq_workdir: str) -> str | None:
+    """The work directory of the reranker registered for the seq2seq run in `seq2seq_workdir`, None when none is.
+    Fails, naming the file and how to stop using it, when the registered directory no longer exists."""
+    path = os.path.join(seq2seq_workdir, RERANKER_FILE)
+    if not os.path.isfile(path):
+        return None
+    stop = (f'Sample without a reranker with --reranker_workdir="" (reranker_workdir="" in Python), name another '
+            f"with --reranker_workdir=DIR, or delete {path} to stop using one by default.")
+    try:
+        with open(path) as f:
+            entry = json.load(f)
+        places = [os.path.normpath(os.path.join(seq2seq_workdir, entry["workdir"]))]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} does not register a reranker ({type(e).__name__}: {e}); training a reranker "
+                         f"for this run writes it again. {stop}") from e
+    if entry.get("absolute_workdir"):
+        places.append(entry["absolute_workdir"])
+    for place in places:
+        if os.path.isdir(place):
+            return place
+    also = f" (nor does {places[1]!r})" if os.path.abspath(places[-1]) != os.path.abspath(places[0]) else ""
+    raise FileNotFoundError(f"{path} registers the reranker {places[0]!r} for this run, but it no longer "
+                            f"exists{also}. Train one again with `dalle-jax-train --config shapes_captioner --workdir "
+                            f"DIR --config.seq2seq_workdir={seq2seq_workdir}` (it registers itself when it "
+                            f"finishes). {stop}")
+
+
+def reranker_workdir_for(seq2seq_workdir: str, reranker_workdir: str | None) -> str | None:
+    """The reranker sampling the run in `seq2seq_workdir` uses: `reranker_workdir` when it names one, none when it
+    is "", and when it is None the one registered for the run (`registered_reranker`), if any."""
+    if reranker_workdir is None:
+        return registered_reranker(seq2seq_workdir)
+    return reranker_workdir or None

@@ -18,7 +18,7 @@ from tests.inference.test_text_to_image import sampling_workdir
 PROMPTS = ["a small red circle in the top left", "a green triangle above a purple circle", ""]
 SETTINGS = ["--temperature=1.2", "--top_k=16", "--top_p=0.95", "--cond_scale=3"]
 RECORD_KEYS = {"prompt", "seed", "index", "temperature", "top_k", "top_p", "cond_scale", "candidates", "text_ids",
-               "uncond_text_ids", "image_ids", "score", "scorer", "draw", "file", "workdir", "step"}
+               "uncond_text_ids", "image_ids", "score", "scorer", "reranker", "draw", "file", "workdir", "step"}
 
 
 def run_cli(*args):
@@ -63,6 +63,8 @@ def test_each_image_has_a_png_and_a_record(written, sampling_workdir):  # noqa: 
     assert {(r["seed"], r["temperature"], r["top_k"], r["top_p"], r["cond_scale"]) for r in records} == {
         (7, 1.2, 16, 0.95, 3.0)}
     assert records[0]["step"] == 12 and records[0]["workdir"] == os.path.abspath(sampling_workdir["workdir"])
+    # No reranker is registered for the run, so none picked (and one candidate per image leaves nothing to pick).
+    assert all(r["scorer"] == "seq2seq" and r["reranker"] is None for r in records)
     # The recorded codes decode, through the run's VQGAN, to exactly the PNG written.
     pipe = TextToImage.from_workdir(sampling_workdir["workdir"])
     decoded = pipe.decode([r["image_ids"] for r in records])
@@ -108,7 +110,8 @@ def test_guidance_off_records_no_unconditional_prompt(sampling_workdir, tmp_path
     (["--prompt=x", "--temperature=0"], "--temperature=0.0 must be a finite number > 0"),
     (["--prompt=x", "--temperature=-1"], "--temperature=-1.0 must be a finite number > 0"),
     (["--prompt=x", "--candidates=0"], "--candidates=0 must be an integer >= 1"),
-    (["--prompt=x", "--reranker_workdir=/nonexistent/reranker"], "--reranker_workdir=.* does not exist"),
+    (["--prompt=x", "--reranker_workdir=/nonexistent/reranker"],
+     "--reranker_workdir=.* does not exist.*or pass --reranker_workdir=\"\" for none"),
 ])
 def test_bad_flags_fail_before_loading(args, message, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.TextToImage, "from_workdir", lambda *a, **k: pytest.fail("loaded the run"))

@@ -5,15 +5,18 @@
 Stages: build captioned_shapes -> train the VQGAN (`ROOT/vqgan`) -> train the text tokenizer and DalleBart
 (`ROOT/dalle`) -> train the caption model that picks among each image's candidates (`ROOT/reranker`) -> sample a
 grid for fixed prompts, held-out colour/shape pairs included (`ROOT/samples.png`) -> sample and judge `test` and
-`test_compositional` -> `ROOT/report.json`. A stage that finished in an earlier run is
-reused (its recorded time is kept); a stage that was interrupted resumes from its checkpoint. A run trained with
-an older recipe, or from a run that is trained again, is moved aside and trained afresh (`demo/reuse.py`).
+`test_compositional` -> `ROOT/report.json`; then it prints where those are and commands to try next. The
+reranker registers itself in `ROOT/dalle`, so `dalle-jax-sample --workdir ROOT/dalle` picks with it too. A stage
+that finished in an earlier run is reused (its recorded time is kept); a stage that was interrupted resumes from its
+checkpoint. A run trained with an older recipe, or from a run that is trained again, is moved aside and trained
+afresh (`demo/reuse.py`).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import shlex
 import time
 
 from absl import app, flags
@@ -35,6 +38,8 @@ DEMO_PROMPTS = (
     "a orange square below a yellow circle",  # the dataset writes "a" before every colour
 )
 IMAGES_PER_PROMPT = 8
+# What the demo writes in ROOT besides the work directories.
+SAMPLES_FILE, REPORT_FILE, JUDGED_FILE = "samples.png", "report.json", "judged.json"
 
 
 def _read_json(path: str) -> dict | None:
@@ -91,6 +96,9 @@ def run_demo(root: str, max_examples: int) -> dict:
     stages.run("vqgan", vqgan_kept, lambda: vqgan.train(vqgan_config, vqgan_dir))
     stages.run("seq2seq", dalle_kept, lambda: seq2seq.train(dalle_config, dalle_dir))
     stages.run("reranker", reranker_kept, lambda: captioner.train(reranker_config, reranker_dir))
+    from dalle_jax import runs
+    if not os.path.exists(os.path.join(dalle_dir, runs.RERANKER_FILE)):  # kept from before rerankers registered
+        runs.register_reranker(dalle_dir, reranker_dir, reranker_config.num_steps)
 
     from dalle_jax.shapes import evaluate_samples
     from dalle_jax.inference.text_to_image import TextToImage
@@ -110,20 +118,43 @@ def run_demo(root: str, max_examples: int) -> dict:
 
     # Pictures made before the reranker was (re)trained are made again.
     reranker_done = os.path.getmtime(os.path.join(reranker_dir, "test_metrics.json"))
-    samples_path = os.path.join(root, "samples.png")
+    samples_path = os.path.join(root, SAMPLES_FILE)
     stages.run("samples", _newer(samples_path, reranker_done), lambda: Image.fromarray(
         load()(list(DEMO_PROMPTS), num_images=IMAGES_PER_PROMPT, seed=0).grid()).save(samples_path))
-    judged_path = os.path.join(root, "judged.json")
+    judged_path = os.path.join(root, JUDGED_FILE)
     stages.run("evaluate", _newer(judged_path, reranker_done), lambda: _write_json(
         judged_path, evaluate_samples.evaluate_samples(load(), max_examples=max_examples, progress=True)))
 
     report = _report(stages.timings, vqgan_dir, dalle_dir, reranker_dir, _read_json(judged_path))
-    _write_json(os.path.join(root, "report.json"), report)
+    _write_json(os.path.join(root, REPORT_FILE), report)
     return report
 
 
 def _newer(path: str, than: float) -> bool:
     return os.path.exists(path) and os.path.getmtime(path) > than
+
+
+def next_steps(root: str, max_examples: int) -> str:
+    """Where the demo's picture and report are, and three commands to try next, with the demo's paths."""
+    from dalle_jax import runs
+
+    dalle, reranker = os.path.join(root, "dalle"), os.path.join(root, "reranker")
+    return "\n".join([
+        f"Samples (a row per prompt, the last three colour/shape pairs never seen in training): "
+        f"{os.path.join(root, SAMPLES_FILE)}",
+        f"Report: {os.path.join(root, REPORT_FILE)} (each judged image: {os.path.join(root, JUDGED_FILE)})",
+        "",
+        "Try next:",
+        f"  # your own prompt; the reranker {reranker} picks each image among its candidates (registered in "
+        f"{os.path.join(dalle, runs.RERANKER_FILE)})",
+        f"  dalle-jax-sample --workdir {shlex.quote(dalle)} --prompt {shlex.quote(DEMO_PROMPTS[0])} "
+        "--out my_grid.png",
+        "  # the same judged evaluation without the reranker, to see what it adds",
+        f"  dalle-jax-evaluate --workdir {shlex.quote(dalle)} --reranker_workdir= --max_examples {max_examples} "
+        f"--out {shlex.quote(os.path.join(root, 'judged_without_reranker.json'))}",
+        "  # a VQGAN on your own images, the first stage of your own model",
+        "  dalle-jax-train --config images_vqgan --workdir runs/my_vqgan --config.data.folder=/path/to/images",
+    ])
 
 
 def _report(timings: dict, vqgan_dir: str, dalle_dir: str, reranker_dir: str, judged: dict) -> dict:
@@ -151,6 +182,7 @@ def main(argv):
     logging.getLogger().setLevel(logging.INFO)
     report = run_demo(_ROOT.value, _MAX_EXAMPLES.value)
     print(json.dumps(report, indent=2))
+    print(next_steps(_ROOT.value, _MAX_EXAMPLES.value))
 
 
 

@@ -5,10 +5,13 @@
     dalle-jax-sample --workdir runs/dalle --prompts_file prompts.txt --num_images 4 --out_dir samples/
 
 `--out` writes one grid picture (a row per prompt); `--out_dir` writes one PNG per image and `samples.jsonl`, a
-record per image of its prompt, seed, index, sampling settings, text ids, sampled image ids and score (log p(image
-ids | prompt), or with `--reranker_workdir` the caption model's log p(prompt | image)). Image i of a run (prompt
-i // num_images) is drawn from (seed, i) alone; with `--candidates K` it is the best-scoring of K draws from
-(seed, i*K + c). Settings not given take the run's `config.sampling`.
+record per image of its prompt, seed, index, sampling settings, text ids, sampled image ids, score and `scorer`:
+"seq2seq" (score = log p(image ids | prompt)) or "reranker" (the caption model's log p(prompt | image); `reranker`
+then names its workdir and step). Image i of a run (prompt i // num_images) is drawn from (seed, i) alone; with
+`--candidates K` it is the best-scoring of K draws from (seed, i*K + c), picked by the reranker registered for the
+run (`reranker.json` in its work directory, written when one finishes training), or the one `--reranker_workdir`
+names; `--reranker_workdir=""` picks by the seq2seq model's likelihood. Settings not given take the run's
+`config.sampling`.
 """
 import dataclasses
 import json
@@ -45,9 +48,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("vqgan_workdir", None, "The VQGAN's work directory (default: the run's "
                         "config.vqgan_workdir).", **fv)
     flags.DEFINE_integer("step", None, "Checkpoint step to sample from (default: the newest).", **fv)
-    flags.DEFINE_string("reranker_workdir", None, "A caption model trained for this run (the "
-                        "shapes_captioner recipe): with --candidates K > 1 it picks the draw whose picture it finds the "
-                        "prompt likeliest for, instead of the seq2seq model's likelihood.", **fv)
+    flags.DEFINE_string("reranker_workdir", None, "A caption model trained for this run (the shapes_captioner "
+                        "recipe): with --candidates K > 1 it picks the draw whose picture it finds the prompt "
+                        "likeliest for, instead of the seq2seq model's likelihood. Default: the one registered in the "
+                        "run's reranker.json, if any; \"\" turns reranking off.", **fv)
     flags.mark_flag_as_required("workdir", flag_values=flag_values)
 
 
@@ -72,9 +76,10 @@ def check_flags(fv: flags.FlagValues) -> dict:
     for name in ("num_images", "batch_size"):
         if fv[name].value < 1:
             raise app.UsageError(f"--{name}={fv[name].value} must be at least 1.")
-    if fv.reranker_workdir is not None and not os.path.isdir(fv.reranker_workdir):
+    if fv.reranker_workdir and not os.path.isdir(fv.reranker_workdir):
         raise app.UsageError(f"--reranker_workdir={fv.reranker_workdir!r} does not exist; train a caption model "
-                             "with the shapes_captioner recipe, or leave the flag out.")
+                             "with the shapes_captioner recipe, leave the flag out for the run's registered one, or "
+                             "pass --reranker_workdir=\"\" for none.")
     if not 0 <= fv.seed < 2 ** 32:
         raise app.UsageError(f"--seed={fv.seed} must be in [0, 2**32).")
     given = dict(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p, cond_scale=fv.cond_scale,
@@ -94,6 +99,7 @@ def run(fv: flags.FlagValues):
     settings = check_flags(fv)
     pipe = TextToImage.from_workdir(fv.workdir, vqgan_workdir=fv.vqgan_workdir, step=fv.step,
                                     batch_size=fv.batch_size, reranker_workdir=fv.reranker_workdir)
+    logging.info("Picker: %s.", pipe.describe_picker(pipe.sampling_settings(**settings)))
     samples = pipe(prompts, fv.num_images, seed=fv.seed, progress=True, **settings)
     if fv.out is not None:
         os.makedirs(os.path.dirname(os.path.abspath(fv.out)), exist_ok=True)

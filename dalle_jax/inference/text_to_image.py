@@ -7,10 +7,11 @@
 
 Image i of a request (prompt i // num_images) draws its randomness from (seed, i) alone, so it comes out the
 same whatever the batch size and the number of devices. With `candidates=K`, image i is the one of K drawn from
-(seed, i*K), ..., (seed, i*K + K-1) that scores highest: by default the seq2seq model's log p(image | prompt); with a
-reranker (`reranker_workdir=`, a caption model trained by `the shapes_captioner recipe`) its log p(prompt | image),
-which reads the picture (its codes' appearance, or its decoded pixels) and so tells a right one from a wrong one
-the seq2seq model finds just as likely. K=1 draws image i from (seed, i) itself. Requests are cut into batches of
+(seed, i*K), ..., (seed, i*K + K-1) that scores highest: without a reranker the seq2seq model's log p(image |
+prompt); with one (a caption model trained by the shapes_captioner recipe) its log p(prompt | image), which reads
+the picture (its codes' appearance, or its decoded pixels) and so tells a right one from a wrong one the seq2seq
+model finds just as likely. A reranker that finished training for the run registered itself there, and is used
+unless `reranker_workdir=""` turns it off. K=1 draws image i from (seed, i) itself. Requests are cut into batches of
 `batch_size` draws (batch_size // K images, at least one), each split over the mesh's data-parallel axes; the last
 batch is padded to the size of the others (so one compilation serves them all) and the padding dropped.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import numbers
 import os
 import warnings
@@ -57,6 +59,7 @@ class Samples:
     # "seq2seq": log p(image_ids | prompt) under the conditional model; "reranker": log p(prompt | image) under the
     # caption model that picked the draw.
     scorer: str = "seq2seq"
+    reranker: dict | None = None  # {"workdir", "step"} of the caption model, when it was the scorer
 
     @property
     def num_images(self) -> int:
@@ -79,7 +82,7 @@ class Samples:
         return [dict(prompt=self.prompts[p], seed=self.seed, index=int(self.indices[p, j]), **settings,
                      text_ids=self.text_ids[p].tolist(), uncond_text_ids=uncond,
                      image_ids=self.image_ids[p, j].tolist(), score=float(self.scores[p, j]),
-                     scorer=self.scorer, draw=int(self.draws[p, j]))
+                     scorer=self.scorer, reranker=self.reranker, draw=int(self.draws[p, j]))
                 for p in range(len(self.prompts)) for j in range(self.num_images)]
 
 
@@ -116,14 +119,23 @@ class TextToImage:
                      reranker_workdir: str | None = None) -> "TextToImage":
         """Loads the seq2seq run in `workdir` (its newest checkpoint, or `step`) and the VQGAN it was trained on
         (`config.vqgan_workdir`, unless `vqgan_workdir` names it), both onto `mesh` (default: every local device
-        on the batch axes), and the caption model in `reranker_workdir` if given. `default_settings` (default: the
-        run's `config.sampling`) fill in what a call leaves out."""
+        on the batch axes), and a caption model to pick among candidates: the one in `reranker_workdir`, none when
+        it is "", and by default (None) the one registered for the run, if any (`runs.registered_reranker`).
+        `default_settings` (default: the run's `config.sampling`) fill in what a call leaves out."""
         batch_size = _positive_int("batch_size", batch_size)
         if default_settings is not None:
             default_settings.validate()
         config = runs.read_config(workdir, "seq2seq")
         runs.checkpoint_step(workdir, "seq2seq")
         vqgan_dir = runs.vqgan_workdir_of(workdir, config, vqgan_workdir)
+        given, reranker_workdir = reranker_workdir, runs.reranker_workdir_for(workdir, reranker_workdir)
+        if given == "":
+            logging.info("No reranker for %s: turned off (reranker_workdir is empty).", workdir)
+        elif reranker_workdir is None:
+            logging.info("No reranker for %s: none is registered in its %s.", workdir, runs.RERANKER_FILE)
+        else:
+            logging.info("Reranker for %s: %s (%s).", workdir, reranker_workdir,
+                         "given" if given else f"registered in its {runs.RERANKER_FILE}")
         if reranker_workdir is not None:  # from the configs alone, before any checkpoint is restored
             _check_reranker(runs.read_config(reranker_workdir, "captioner"), reranker_workdir, config, workdir,
                             int(runs.load_config(vqgan_dir).model.resolution))
@@ -185,12 +197,28 @@ class TextToImage:
                        image_ids=codes.reshape(*shape, codes.shape[-1]), text_ids=text_ids,
                        uncond_text_ids=self.seq2seq.empty_text_ids if settings.guided else None,
                        seed=seed, settings=settings, truncated=truncated, scores=scores.reshape(shape),
-                       draws=draws.reshape(shape), scorer=self.scorer(settings))
+                       draws=draws.reshape(shape), scorer=self.scorer(settings),
+                       reranker=self.reranker_record(settings))
 
     def scorer(self, settings: SamplingSettings) -> str:
         """What scores the draws under `settings`: "reranker" when a caption model picks among candidates, else
         "seq2seq"."""
         return "reranker" if self.reranker is not None and settings.candidates > 1 else "seq2seq"
+
+    def reranker_record(self, settings: SamplingSettings) -> dict | None:
+        """{"workdir", "step"} of the caption model that scores the draws under `settings`; None when it does not."""
+        if self.scorer(settings) != "reranker":
+            return None
+        return dict(workdir=self.reranker.workdir, step=self.reranker.step)
+
+    def describe_picker(self, settings: SamplingSettings) -> str:
+        """What keeps each image under `settings`, for logs."""
+        if settings.candidates == 1:
+            return "one draw per image (candidates=1): nothing to pick"
+        if self.scorer(settings) == "reranker":
+            return (f"the reranker in {self.reranker.workdir} (step {self.reranker.step}) picks the best of "
+                    f"{settings.candidates} candidates per image")
+        return f"the seq2seq model's likelihood picks the best of {settings.candidates} candidates per image"
 
     def generate(self, text_ids: np.ndarray, seed: int, settings: SamplingSettings, *,
                  batch_size: int | None = None, progress: bool = False) -> tuple[np.ndarray, ...]:

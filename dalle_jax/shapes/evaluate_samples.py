@@ -6,11 +6,12 @@
 The examples come from the work directory's image-token records (caption = the record's first, canonical
 caption; scene = its `scene`), or from a JSONL file of `{"prompt": str, "scene": scene}` lines (a scene as in
 `dalle_jax.data.shapes_scene`). Example i of a set is sampled from (seed, i) (with K candidates: the likeliest of
-(seed, iK), ..., (seed, iK + K-1), or, with a reranker, the one it scores highest), so a report can be reproduced
-image by image. The report (a JSON object, also returned by `evaluate_samples`):
+(seed, iK), ..., (seed, iK + K-1), or, with a reranker, the one it scores highest: by default the reranker
+registered for the run, `--reranker_workdir=DIR` another, `--reranker_workdir=""` none), so a report can be
+reproduced image by image. The report (a JSON object, also returned by `evaluate_samples`):
 
     {"workdir", "step", "seed", "settings": {"temperature", "top_k", "top_p", "cond_scale", "candidates"},
-     "scorer": "seq2seq" | "reranker", "reranker": {"workdir", "step"} (with a reranker loaded),
+     "scorer": "seq2seq" | "reranker", "reranker": {"workdir", "step"} (when it scored),
      "sets": {name: {"source", "count", "accuracy",
                      "attributes": {attribute: {"accuracy": float | null, "count": int}},
                      "one_object_pairs": {"<colour> <shape>": {"accuracy": float, "count": int, "shape": float}},
@@ -152,8 +153,8 @@ def evaluate_samples(pipe: TextToImage, *, splits: Sequence[str] = DEFAULT_SPLIT
                 for split in splits}
     report = dict(workdir=workdir, step=pipe.seq2seq.step, seed=seed, settings=dataclasses.asdict(settings),
                   scorer=pipe.scorer(settings), sets={})
-    if pipe.reranker is not None:
-        report["reranker"] = dict(workdir=pipe.reranker.workdir, step=pipe.reranker.step)
+    if report["scorer"] == "reranker":
+        report["reranker"] = pipe.reranker_record(settings)
     for name, (source, examples) in sets.items():
         logging.info("Sampling and judging %d images for %s", len(examples), source)
         result = evaluate_examples(pipe, examples, seed=seed, batch_size=batch_size, progress=progress, **given)
@@ -183,9 +184,10 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_string("vqgan_workdir", None, "The VQGAN's work directory (default: the run's "
                         "config.vqgan_workdir).", **fv)
     flags.DEFINE_integer("step", None, "Checkpoint step to evaluate (default: the newest).", **fv)
-    flags.DEFINE_string("reranker_workdir", None, "A caption model trained for this run (the "
-                        "shapes_captioner recipe): with --candidates K > 1 it picks the draw whose picture it finds the "
-                        "prompt likeliest for, instead of the seq2seq model's likelihood.", **fv)
+    flags.DEFINE_string("reranker_workdir", None, "A caption model trained for this run (the shapes_captioner "
+                        "recipe): with --candidates K > 1 it picks the draw whose picture it finds the prompt "
+                        "likeliest for, instead of the seq2seq model's likelihood. Default: the one registered in the "
+                        "run's reranker.json, if any; \"\" turns reranking off.", **fv)
     flags.mark_flags_as_required(["workdir", "out"], flag_values=flag_values)
 
 
@@ -204,11 +206,13 @@ def run(fv: flags.FlagValues) -> dict:
         raise app.UsageError(f"--{e}") from None
     if fv.prompts_file is not None:
         read_prompts_file(fv.prompts_file, fv.max_examples)
-    if fv.reranker_workdir is not None and not os.path.isdir(fv.reranker_workdir):
+    if fv.reranker_workdir and not os.path.isdir(fv.reranker_workdir):
         raise app.UsageError(f"--reranker_workdir={fv.reranker_workdir!r} does not exist; train a caption model "
-                             "with the shapes_captioner recipe, or leave the flag out.")
+                             "with the shapes_captioner recipe, leave the flag out for the run's registered one, or "
+                             "pass --reranker_workdir=\"\" for none.")
     pipe = TextToImage.from_workdir(fv.workdir, vqgan_workdir=fv.vqgan_workdir, step=fv.step,
                                     batch_size=fv.batch_size, reranker_workdir=fv.reranker_workdir)
+    logging.info("Picker: %s.", pipe.describe_picker(pipe.sampling_settings(**given)))
     report = evaluate_samples(pipe, splits=fv.split, prompts_file=fv.prompts_file, max_examples=fv.max_examples,
                               seed=fv.seed, batch_size=fv.batch_size, progress=True, **given)
     report_file.write_report(fv.out, report)

@@ -2,9 +2,10 @@
 
     dalle-jax-train --config shapes_captioner --workdir runs/reranker --config.seq2seq_workdir=runs/dalle
 
-It reads the seq2seq run's tokenizer, encoded records and VQGAN; nothing of that run changes. Sampling with
-`--reranker_workdir runs/reranker` then keeps, of each image's candidates, the one whose picture this model finds
-its prompt likeliest for.
+It reads the seq2seq run's tokenizer, encoded records and VQGAN. Once it has trained all its steps it registers
+itself in that run (`runs/dalle/reranker.json`, see `runs.register_reranker`; the newest finished reranker wins),
+and sampling the run then keeps, of each image's candidates, the one whose picture this model finds its prompt
+likeliest for (`--reranker_workdir=""` samples without it, `--reranker_workdir=DIR` with another).
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ from dalle_jax.training import loop
 from dalle_jax.training.progress import Progress
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None) -> dict | None:
+def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | None = None,
+          register: bool = True) -> dict | None:
     """Runs (or resumes) training in `workdir`; returns the final test-split figures (None when `stop_after`, SIGTERM
-    or SIGINT ends this invocation early, after checkpointing; a later call resumes from there)."""
+    or SIGINT ends this invocation early, after checkpointing; a later call resumes from there). A run that ends
+    becomes the seq2seq run's default reranker unless `register` is False (a reranker for experiments only)."""
     # 1. The seq2seq run it serves, checks that need no compilation, and the run's record.
     if not config.seq2seq_workdir:
         raise ValueError("config.seq2seq_workdir is empty: pass the work directory of a trained seq2seq run, e.g. "
@@ -102,7 +105,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     def final_figures():
         return evaluate_split(state["params"], "test"), "test"
 
-    return run_ends.end(config, workdir, writer, last_trained, final_figures)
+    figures = run_ends.end(config, workdir, writer, last_trained, final_figures)
+    if figures is not None and register:  # only a finished run: a half-trained one would pick worse than none
+        path = runs.register_reranker(config.seq2seq_workdir, workdir, config.num_steps)
+        logging.info("Registered %s as the reranker of %s in %s", workdir, config.seq2seq_workdir, path)
+    return figures
 
 
 def with_seq2seq_shapes(config, seq2seq_config, tokenizer, vqgan) -> ml_collections.ConfigDict:

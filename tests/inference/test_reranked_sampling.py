@@ -3,15 +3,19 @@ finds its prompt likeliest for."""
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import ml_collections
 import numpy as np
 import pytest
+from absl import flags
 
 from dalle_jax import runs
 from dalle_jax.models import captioner as captioner_lib
+from dalle_jax.inference import sample
 from dalle_jax.inference.text_to_image import TextToImage
+from dalle_jax.shapes import evaluate_samples as ev
 from tests.inference.test_text_to_image import sampling_workdir
 from tests.trainers.test_captioner_trainer import captioner_run, pixel_captioner_run  # noqa: F401  (once per session)
 
@@ -133,3 +137,94 @@ def test_a_reranker_of_other_shapes_is_refused(reranked_pipe):
     with pytest.raises(ValueError, match="reads 48 text tokens"):
         TextToImage(reranked_pipe.seq2seq, reranked_pipe.vqgan, reranked_pipe.mesh,
                     reranker=dataclasses.replace(loaded, config=config))
+
+
+# The reranker registered for a run (`reranker.json`) is the default; "" turns it off.
+
+@pytest.fixture(scope="module")
+def registered_run(sampling_workdir, captioner_run, tmp_path_factory):  # noqa: F811
+    """A copy of the shared seq2seq run (which the other tests sample without a reranker) with the tiny captioner
+    registered as its reranker, as the trainer registers it when it finishes."""
+    workdir = str(tmp_path_factory.mktemp("registered") / "dalle")
+    shutil.copytree(sampling_workdir["workdir"], workdir)
+    runs.register_reranker(workdir, captioner_run[0], 6)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def registered_pipe(registered_run):
+    return TextToImage.from_workdir(registered_run, batch_size=8)
+
+
+def _flag_args(workdir, *more):
+    return [f"--workdir={workdir}", f"--seed={SEED}", f"--candidates={K}", "--batch_size=8",
+            *[f"--{k}={v}" for k, v in SETTINGS.items()], *more]
+
+
+def _sample_command(*args) -> list[dict]:
+    fv = flags.FlagValues()
+    sample.define_flags(fv)
+    fv(["sample.py", *args])
+    sample.run(fv)
+    with open(os.path.join(fv.out_dir, sample.SAMPLES_FILE)) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_the_registered_reranker_picks_by_default(registered_pipe, captioner_run, reranked):  # noqa: F811
+    assert registered_pipe.reranker.workdir == os.path.abspath(captioner_run[0])
+    samples = registered_pipe(PROMPTS, num_images=NUM_IMAGES, seed=SEED, candidates=K, **SETTINGS)
+    assert samples.scorer == "reranker"
+    np.testing.assert_array_equal(samples.draws, reranked.draws)
+    assert {json.dumps(r["reranker"]) for r in samples.records()} == {
+        json.dumps(dict(workdir=os.path.abspath(captioner_run[0]), step=6))}
+    # One candidate per image: nothing to pick, and the records say the seq2seq model scored it.
+    single = registered_pipe(PROMPTS, num_images=4, seed=SEED, candidates=1, **SETTINGS)
+    assert single.scorer == "seq2seq" and {r["reranker"] for r in single.records()} == {None}
+
+
+def test_the_sample_command_uses_the_registered_reranker_unless_turned_off(registered_run, captioner_run,  # noqa: F811
+                                                                           reranked, tmp_path):
+    args = _flag_args(registered_run, f"--prompt={PROMPTS[0]}", f"--num_images={NUM_IMAGES}")
+    records = _sample_command(*args, f"--out_dir={tmp_path / 'default'}")
+    assert {r["scorer"] for r in records} == {"reranker"}
+    assert all(r["reranker"] == dict(workdir=os.path.abspath(captioner_run[0]), step=6) for r in records)
+    assert [r["draw"] for r in records] == reranked.draws[0].tolist()
+    off = _sample_command(*args, "--reranker_workdir=", f"--out_dir={tmp_path / 'off'}")
+    assert {r["scorer"] for r in off} == {"seq2seq"} and {r["reranker"] for r in off} == {None}
+
+
+def test_the_evaluation_reports_the_registered_reranker_unless_turned_off(registered_pipe, registered_run,
+                                                                          captioner_run, tmp_path):  # noqa: F811
+    report = ev.evaluate_samples(registered_pipe, splits=["test"], max_examples=2, seed=SEED, candidates=K,
+                                 progress=False, **SETTINGS)
+    assert report["scorer"] == "reranker"
+    assert report["reranker"] == dict(workdir=os.path.abspath(captioner_run[0]), step=6)
+    fv = flags.FlagValues()
+    ev.define_flags(fv)
+    fv(["evaluate_samples", *_flag_args(registered_run, "--split=test", "--max_examples=2", "--reranker_workdir=",
+                                        f"--out={tmp_path / 'report.json'}")])
+    off = ev.run(fv)
+    assert off["scorer"] == "seq2seq" and "reranker" not in off
+
+
+def test_a_deleted_registered_reranker_fails_with_the_fix_before_restoring(sampling_workdir, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
+    workdir = str(tmp_path / "dalle")
+    shutil.copytree(sampling_workdir["workdir"], workdir)
+    (tmp_path / "reranker").mkdir()
+    registration = runs.register_reranker(workdir, str(tmp_path / "reranker"), 6)
+    (tmp_path / "reranker").rmdir()
+
+    def restored(*args, **kwargs):
+        raise AssertionError("a checkpoint was restored before the registration was checked")
+
+    for name in ("load_seq2seq", "load_vqgan", "load_reranker"):
+        monkeypatch.setattr(runs, name, restored)
+    message = f"{re.escape(registration)} registers the reranker .* no longer exists.*--reranker_workdir=\"\""
+    with pytest.raises(FileNotFoundError, match=message):
+        TextToImage.from_workdir(workdir)
+    with pytest.raises(FileNotFoundError, match=message):
+        _sample_command(*_flag_args(workdir, "--prompt=x", f"--out_dir={tmp_path / 'out'}"))
+    # Turned off, the registration is not read: loading goes on (to the first restore, stopped here).
+    with pytest.raises(AssertionError, match="restored before"):
+        TextToImage.from_workdir(workdir, reranker_workdir="")

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -29,9 +30,11 @@ def tiny_config(seq2seq_workdir: str):
 @pytest.fixture(scope="module")
 def captioner_run(tmp_path_factory, sampling_workdir):  # noqa: F811
     """(work directory, test figures) of the tiny captioner trained for the shared seq2seq run, once per session
-    (tests/inference/test_reranked_sampling.py reranks with it)."""
+    (tests/inference/test_reranked_sampling.py reranks with it). It does not register itself in that run, which the
+    other tests sample without a reranker."""
     config = tiny_config(sampling_workdir["workdir"])
-    return once_per_session(tmp_path_factory, "captioner", lambda workdir: captioner.train(config, workdir))
+    return once_per_session(tmp_path_factory, "captioner",
+                            lambda workdir: captioner.train(config, workdir, register=False))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,8 @@ def pixel_captioner_run(tmp_path_factory, sampling_workdir):  # noqa: F811
     """The same, reading decoded pictures instead of codes."""
     config = tiny_config(sampling_workdir["workdir"])
     config.model.reads = "pixels"
-    return once_per_session(tmp_path_factory, "pixel_captioner", lambda workdir: captioner.train(config, workdir))
+    return once_per_session(tmp_path_factory, "pixel_captioner",
+                            lambda workdir: captioner.train(config, workdir, register=False))
 
 
 @pytest.fixture(scope="module")
@@ -105,12 +109,18 @@ def test_a_code_reader_for_another_dataset_is_refused(sampling_workdir, mesh):  
         captioner.with_seq2seq_shapes(without_extension, seq2seq_config, tokenizer, vqgan)
 
 
-def test_a_resumed_run_ends_where_an_unbroken_one_does(captioner_run, sampling_workdir, tmp_path, mesh):  # noqa: F811
+def test_a_resumed_run_ends_where_an_unbroken_one_does_and_then_registers(captioner_run, sampling_workdir,  # noqa: F811
+                                                                          tmp_path, mesh):
+    # A copy of the shared seq2seq run, which the registration changes.
+    seq2seq_dir = str(tmp_path / "dalle")
+    shutil.copytree(sampling_workdir["workdir"], seq2seq_dir)
+    registration = os.path.join(seq2seq_dir, runs.RERANKER_FILE)
     workdir = str(tmp_path / "resumed")
-    config = tiny_config(sampling_workdir["workdir"])
+    config = tiny_config(seq2seq_dir)
     assert captioner.train(config, workdir, stop_after=3) is None
     assert checkpointing.checkpoint_steps(workdir)[-1] == 3
     assert not os.path.exists(os.path.join(workdir, "test_metrics.json"))
+    assert not os.path.exists(registration)  # a half-trained reranker is not the run's
     stopped = params_of(workdir, mesh)
     final = captioner.train(config, workdir)
     resumed, unbroken = params_of(workdir, mesh), params_of(captioner_run[0], mesh)
@@ -121,6 +131,11 @@ def test_a_resumed_run_ends_where_an_unbroken_one_does(captioner_run, sampling_w
     # Each step's training figures were written once.
     steps = [m["step"] for m in read_metrics(workdir) if "train/loss" in m]
     assert steps == sorted(set(steps)) and steps[-1] == 6
+    # Finished, it is the run's reranker, named relative to the run.
+    with open(registration) as f:
+        assert json.load(f)["workdir"] == os.path.join("..", "resumed")
+    assert runs.registered_reranker(seq2seq_dir) == workdir
+    assert not os.path.exists(os.path.join(sampling_workdir["workdir"], runs.RERANKER_FILE))
 
 
 def synthetic_pictures(count=10, captions=3):
