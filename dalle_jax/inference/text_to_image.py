@@ -137,8 +137,14 @@ class TextToImage:
             logging.info("Reranker for %s: %s (%s).", workdir, reranker_workdir,
                          "given" if given else f"registered in its {runs.RERANKER_FILE}")
         if reranker_workdir is not None:  # from the configs alone, before any checkpoint is restored
-            _check_reranker(runs.read_config(reranker_workdir, "captioner"), reranker_workdir, config, workdir,
-                            int(runs.load_config(vqgan_dir).model.resolution))
+            try:
+                _check_reranker(runs.read_config(reranker_workdir, "captioner"), reranker_workdir, config, workdir,
+                                int(runs.load_config(vqgan_dir).model.resolution))
+            except (ValueError, FileNotFoundError) as e:
+                if given is not None:
+                    raise
+                raise type(e)(f"{e} (It is the reranker registered in {os.path.join(workdir, runs.RERANKER_FILE)}; "
+                              'reranker_workdir="" (--reranker_workdir="") samples without it.)') from e
         mesh = mesh if mesh is not None else runs.default_mesh()
         seq2seq = runs.load_seq2seq(workdir, mesh, step=step)
         vqgan = runs.load_vqgan(vqgan_dir, mesh)

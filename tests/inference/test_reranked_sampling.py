@@ -228,3 +228,18 @@ def test_a_deleted_registered_reranker_fails_with_the_fix_before_restoring(sampl
     # Turned off, the registration is not read: loading goes on (to the first restore, stopped here).
     with pytest.raises(AssertionError, match="restored before"):
         TextToImage.from_workdir(workdir, reranker_workdir="")
+
+
+def test_a_registered_reranker_that_does_not_fit_names_its_registration(sampling_workdir, captioner_run, tmp_path,  # noqa: F811
+                                                                       monkeypatch):
+    workdir, other = str(tmp_path / "dalle"), str(tmp_path / "reranker")
+    shutil.copytree(sampling_workdir["workdir"], workdir)
+    shutil.copytree(captioner_run[0], other, ignore=shutil.ignore_patterns("checkpoints"))
+    config = runs.load_config(other)
+    config.tokenizer_sha256 = "0" * 64  # as if trained before the run's tokenizer was replaced
+    runs.save_config(config, other)
+    registration = runs.register_reranker(workdir, other, 6)
+    monkeypatch.setattr(runs, "load_seq2seq", lambda *a, **k: pytest.fail("restored before checking"))
+    with pytest.raises(ValueError, match=f"tokenizer.*registered in {re.escape(registration)}.*"
+                                         f"--reranker_workdir=\"\""):
+        TextToImage.from_workdir(workdir)
