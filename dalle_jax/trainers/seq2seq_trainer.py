@@ -18,7 +18,8 @@ import numpy as np
 from dalle_jax import extensions, parallel, runs
 from dalle_jax.data import pipeline, sources, split_checks, token_records
 from dalle_jax.models import dalle_bart
-from dalle_jax.trainers import encode_stage, init_from, run_ends, seq2seq_samples, seq2seq_step, text_stage, vqgan_dataset
+from dalle_jax.trainers import (encode_stage, init_from, run_ends, seq2seq_samples, seq2seq_step, text_stage,
+                                vqgan_dataset)
 from dalle_jax.training import loop, throughput
 from dalle_jax.training.progress import Progress
 
