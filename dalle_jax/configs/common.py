@@ -37,12 +37,13 @@ def mesh_config() -> ml_collections.ConfigDict:
 def data_config(image_size) -> ml_collections.ConfigDict:
     """`image_size` may be a FieldReference shared with the model."""
     data = ml_collections.ConfigDict()
-    data.dataset = "captioned_shapes"  # TFDS name: captioned_shapes, captioned_folder or any prepared set.
+    # TFDS name: captioned_shapes, captioned_folder or any prepared set; "" (seq2seq runs): the VQGAN run's.
+    data.dataset = "captioned_shapes"
     data.folder = ""  # Folder of images + captions.jsonl, for dataset=captioned_folder.
     data.data_dir = ""  # Where TFDS datasets are prepared and read ("" = TFDS's default).
     data.image_key = "image"  # Image feature of the dataset.
     data.text_key = "caption"  # Caption feature of the dataset.
-    data.image_size = image_size  # Side of the square training images.
+    data.image_size = image_size  # Side of the square training images (seq2seq runs: 0 = the VQGAN run's).
     data.batch_size = 32  # Global batch size (all devices and processes together).
     data.eval_batch_size = 64  # Global batch size of evaluation (forward passes only).
     data.eval_batches = -1  # Validation batches per evaluation (-1: the whole split, remainder dropped).
