@@ -73,5 +73,5 @@ def test_shapes_recipes_extend_the_image_recipes_with_captioned_shapes_settings(
         assert shapes.data.shapes_split_sizes is not None
         assert (shapes.num_steps, shapes.data.batch_size, shapes.model.image_length if "dalle" in name else 0) == (
             generic.num_steps, generic.data.batch_size, generic.model.image_length if "dalle" in name else 0)
-    with pytest.raises(ValueError, match=f"Unknown variant '64' of configs/{name}.py; use '' or 'tiny'"):
+    with pytest.raises(ValueError, match=f"Unknown variant '64' of the {name} recipe; use '' or 'tiny'"):
         recipes.load(f"{name}:64")

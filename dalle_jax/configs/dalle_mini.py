@@ -1,7 +1,7 @@
 """DALL·E mini's published seq2seq architecture, sized for a TPU pod slice.
 
 d_model 1024, 12 + 12 layers, 16 heads, GLU 2730, 64 text tokens over a 50,264-token vocabulary, 256 image tokens
-from a 16,384-code VQGAN (configs/vqgan_f16_16384.py). Parameters and optimizer state are sharded over every
+from a 16,384-code VQGAN (the vqgan_f16_16384 recipe). Parameters and optimizer state are sharded over every
 device (FSDP); compute is bf16 over f32 master weights. Compiled ahead of time for v5e:4x4 at a global batch of
 1024: 9.2 GiB per chip of 16 (README, "Training on a TPU pod").
 """

@@ -1,10 +1,10 @@
 """DalleBart for your own captioned images, sized to train on a 2-core CPU.
 
-Predicts the codes of a VQGAN trained with configs/images_vqgan.py (same variant) and, unless told otherwise, reads
+Predicts the codes of a VQGAN trained with the images_vqgan recipe (same variant) and, unless told otherwise, reads
 the dataset that VQGAN was trained on:
     dalle-jax-train --config images_dalle --workdir runs/dalle --config.vqgan_workdir=runs/vqgan
 Variants `[SIZE][,tiny]` as images_vqgan's: `images_dalle` (32x32 images, 64 image tokens), `images_dalle:64`
-(256 tokens), `images_dalle:tiny` and `images_dalle:64,tiny` (tests). configs/shapes_dalle.py extends this recipe.
+(256 tokens), `images_dalle:tiny` and `images_dalle:64,tiny` (tests). The shapes_dalle recipe extends it.
 """
 import ml_collections
 

@@ -4,7 +4,7 @@ Reads a folder of images and its captions.jsonl (dalle_jax/data/captioned_folder
     dalle-jax-train --config images_vqgan --workdir runs/vqgan --config.data.folder=~/pictures
 then train DalleBart on its codes with `images_dalle` (same variant). Variants `[SIZE][,tiny]`: `images_vqgan`
 (32x32 images, 8x8 codes), `images_vqgan:64` (64x64, 16x16 codes), `images_vqgan:tiny` and `images_vqgan:64,tiny`
-(tests: a few steps of a tiny model). configs/shapes_vqgan.py extends this recipe for captioned_shapes.
+(tests: a few steps of a tiny model). The shapes_vqgan recipe extends it for captioned_shapes.
 """
 import ml_collections
 

@@ -2,7 +2,7 @@
 
 Needs a finished seq2seq run: `--config.seq2seq_workdir=runs/dalle`. It learns from that run's encoded `train`
 records (their codes, as the sampler draws them), with that run's tokenizer and text length.
-Variants: `configs/shapes_captioner.py` (default) and `:tiny` (tests).
+Variants: the shapes_captioner recipe (default) and `:tiny` (tests).
 """
 import ml_collections
 
@@ -68,5 +68,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         model.heads = 2
         model.ffn_dim = 64
     elif arg:
-        raise ValueError(f"Unknown variant {arg!r} of configs/shapes_captioner.py; use '' or 'tiny'.")
+        raise ValueError(f"Unknown variant {arg!r} of the shapes_captioner recipe; use '' or 'tiny'.")
     return config

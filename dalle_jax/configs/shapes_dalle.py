@@ -1,7 +1,7 @@
 """DalleBart on captioned_shapes 32x32, sized to train on a 2-core CPU in minutes.
 
-configs/images_dalle.py with captioned_shapes' data, extensions and tuned knobs. Needs the VQGAN of
-`configs/shapes_vqgan.py` (8x8 codes from 1,024): pass its work directory with `--config.vqgan_workdir=runs/vqgan`.
+The images_dalle recipe with captioned_shapes' data, extensions and tuned knobs. Needs a VQGAN of the
+shapes_vqgan recipe (8x8 codes from 1,024): pass its work directory with `--config.vqgan_workdir=runs/vqgan`.
 Variants: `shapes_dalle` (default) and `shapes_dalle:tiny` (tests).
 """
 import ml_collections
@@ -11,7 +11,7 @@ from dalle_jax.configs import common, images_dalle, seq2seq_common
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg not in ("", "tiny"):
-        raise ValueError(f"Unknown variant {arg!r} of configs/shapes_dalle.py; use '' or 'tiny'.")
+        raise ValueError(f"Unknown variant {arg!r} of the shapes_dalle recipe; use '' or 'tiny'.")
     config = images_dalle.get_config(arg)
     # Code features (shapes/code_features_bart.py) and left-or-above captions (shapes/left_or_above.py).
     config.extensions = ("dalle_jax.shapes.code_features_stage", "dalle_jax.shapes.left_or_above")
@@ -46,5 +46,5 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         config.text.vocab_size = 64
         model.code_features = 0  # Most tests run the plain layout; tests/trainers/test_seq2seq_trainer.py sets 25.
         config.sampling.prompts = ("a small red circle in the top left", "a green triangle above a purple circle")
-        config.sampling.candidates = 1  # tests/inference/test_text_to_image.py draws several candidates where it tests them
+        config.sampling.candidates = 1  # One draw per image; the sampling tests set more where they test them.
     return config

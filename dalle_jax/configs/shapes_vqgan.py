@@ -1,6 +1,6 @@
 """VQGAN image tokenizer on captioned_shapes 32x32, sized to train on a 2-core CPU in minutes.
 
-configs/images_vqgan.py with captioned_shapes' data, extension and tuned encoder. Variants: `shapes_vqgan`
+The images_vqgan recipe with captioned_shapes' data, extension and tuned encoder. Variants: `shapes_vqgan`
 (default) and `shapes_vqgan:tiny` (tests: a few steps, tiny data).
 """
 import ml_collections
@@ -10,7 +10,7 @@ from dalle_jax.configs import common, images_vqgan
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     if arg not in ("", "tiny"):
-        raise ValueError(f"Unknown variant {arg!r} of configs/shapes_vqgan.py; use '' or 'tiny'.")
+        raise ValueError(f"Unknown variant {arg!r} of the shapes_vqgan recipe; use '' or 'tiny'.")
     config = images_vqgan.get_config(arg)
     # The final test figures judge each reconstruction against its scene (judge_* figures).
     config.extensions = ("dalle_jax.shapes.judged_reconstructions",)
