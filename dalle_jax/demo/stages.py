@@ -17,6 +17,8 @@ import json
 import logging
 import os
 import shlex
+import shutil
+import sys
 import time
 
 from absl import app, flags
@@ -144,7 +146,9 @@ def next_steps(root: str, max_examples: int) -> str:
         f"{os.path.join(root, SAMPLES_FILE)}",
         f"Report: {os.path.join(root, REPORT_FILE)} (each judged image: {os.path.join(root, JUDGED_FILE)})",
         "",
-        "Try next:",
+        "Try next:" + ("" if shutil.which("dalle-jax-sample") else
+                       f" (the commands are in {os.path.dirname(sys.executable)}: `source "
+                       f"{os.path.join(os.path.dirname(sys.executable), 'activate')}` first)"),
         f"  # your own prompt; the reranker {reranker} picks each image among its candidates (registered in "
         f"{os.path.join(dalle, runs.RERANKER_FILE)})",
         f"  dalle-jax-sample --workdir {shlex.quote(dalle)} --prompt {shlex.quote(DEMO_PROMPTS[0])} "

@@ -56,3 +56,16 @@ def test_main_prints_the_report_then_the_next_steps(tmp_path, monkeypatch, capsy
     assert json.loads(printed[:report_end]) == {"root": str(tmp_path), "judged": 7}
     assert printed[report_end:].rstrip("\n") == demo.next_steps(str(tmp_path), 7)
     assert f"--workdir {os.path.join(str(tmp_path), 'dalle')}" in printed
+
+
+
+def test_it_says_how_to_reach_the_commands_only_when_they_are_not_on_the_path(tmp_path, monkeypatch):
+    _demo_outputs(tmp_path / "demo")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert "activate` first" in demo.next_steps(str(tmp_path / "demo"), 500)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "dalle-jax-sample").write_text("#!/bin/sh\n")
+    (bin_dir / "dalle-jax-sample").chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert "activate` first" not in demo.next_steps(str(tmp_path / "demo"), 500)
