@@ -4,7 +4,8 @@ import ml_collections
 
 # captioned_shapes as the CPU recipes use it: 20,000 training images are more than 600 steps of 32 draw, and
 # building and encoding them takes a third of the default 50,000's time. Evaluation splits keep their default sizes.
-CPU_SHAPES_SPLIT_SIZES = dict(train=20_000, validation=2_000, test=2_000, test_compositional=1_000)
+CPU_SHAPES_SPLIT_SIZES = dict(train=20_000, validation=2_000, test=2_000, test_compositional=1_000,
+                              validation_compositional=1_000)
 
 
 # Image sides the recipes for your own images (images_vqgan, images_dalle) are sized for on a 2-core CPU.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -16,14 +17,18 @@ from PIL import Image
 from dalle_jax.data import shapes_scene
 
 # Split ids are part of each example's seed: never renumber them.
-SPLIT_IDS = {"train": 0, "validation": 1, "test": 2, "test_compositional": 3}
+SPLIT_IDS = {"train": 0, "validation": 1, "test": 2, "test_compositional": 3, "validation_compositional": 4}
+# The *_compositional splits put a held-out (colour, shape) pair in every scene: validation_compositional is for
+# choosing recipes and sampling settings, test_compositional only for reporting the chosen ones.
 HELD_OUT_MODE = {
     "train": "exclude",
     "validation": "exclude",
     "test": "exclude",
     "test_compositional": "require",
+    "validation_compositional": "require",
 }
-DEFAULT_SPLIT_SIZES = {"train": 50_000, "validation": 2_000, "test": 2_000, "test_compositional": 1_000}
+DEFAULT_SPLIT_SIZES = {"train": 50_000, "validation": 2_000, "test": 2_000, "test_compositional": 1_000,
+                       "validation_compositional": 1_000}
 PARAPHRASES_PER_SCENE = 4
 
 
@@ -52,10 +57,32 @@ def _encode_png(image: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def make_example(split: str, index: int, image_size: int) -> dict:
-    """The example `index` of `split`, as the features' input (image as PNG bytes, names as strings)."""
-    rng = np.random.default_rng([SPLIT_IDS[split], index])
-    scene = shapes_scene.sample_scene(rng, image_size, held_out=HELD_OUT_MODE[split])
+def scene_key(scene: dict) -> tuple:
+    """What makes two scenes the same for evaluation: their relation and objects (not the pixel boxes)."""
+    return scene["relation"], tuple(sorted((o["color"], o["shape"], o["size"], o["cell"]) for o in scene["objects"]))
+
+
+def _draw_scene(split: str, index: int, image_size: int, excluded: frozenset) -> tuple[dict, np.random.Generator]:
+    """The scene of example `index` and the generator its captions continue from. A scene in `excluded` is drawn
+    again from a generator seeded by the attempt too."""
+    for attempt in itertools.count():
+        rng = np.random.default_rng([SPLIT_IDS[split], index] + ([attempt] if attempt else []))
+        scene = shapes_scene.sample_scene(rng, image_size, held_out=HELD_OUT_MODE[split])
+        if scene_key(scene) not in excluded:
+            return scene, rng
+
+
+def compositional_test_scenes(count: int, image_size: int) -> frozenset:
+    """The scene keys of the first `count` test_compositional examples, which validation_compositional avoids. A
+    held-out pair has few one-object scenes and test_compositional's 1,000 draw all of them, so validation_compositional
+    holds two-object scenes only (test_compositional: 61% one-object)."""
+    return frozenset(scene_key(_draw_scene("test_compositional", i, image_size, frozenset())[0]) for i in range(count))
+
+
+def make_example(split: str, index: int, image_size: int, excluded: frozenset = frozenset()) -> dict:
+    """The example `index` of `split`, as the features' input (image as PNG bytes, names as strings); its scene is
+    none of `excluded` (validation_compositional: `compositional_test_scenes` of the config's test split size)."""
+    scene, rng = _draw_scene(split, index, image_size, excluded)
     captions = shapes_scene.paraphrases(scene, rng, count=PARAPHRASES_PER_SCENE)
     return {
         "image": _encode_png(shapes_scene.render(scene, image_size)),
@@ -111,7 +138,7 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
                 }
             ),
             supervised_keys=("caption", "image"),
-            # Keep examples in index order, so record i of a split is `make_example(split, i, size)`.
+            # Keep examples in index order, so record i of a split is `make_example(split, i, size[, excluded])`.
             disable_shuffling=True,
         )
 
@@ -124,5 +151,8 @@ class CaptionedShapes(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, split: str, count: int):
         size = self.builder_config.image_size
+        excluded = frozenset()
+        if split == "validation_compositional":
+            excluded = compositional_test_scenes(self.builder_config.split_sizes.get("test_compositional", 0), size)
         for index in range(count):
-            yield index, make_example(split, index, size)
+            yield index, make_example(split, index, size, excluded)

@@ -35,7 +35,7 @@ INVERSE_RELATION = {
     "above": "below",
     "below": "above",
 }
-# (colour, shape) pairs kept out of train/validation/test and present in every test_compositional scene.
+# (colour, shape) pairs kept out of train/validation/test and present in every scene of the *_compositional splits.
 HELD_OUT = (("green", "triangle"), ("purple", "circle"), ("orange", "square"))
 HELD_OUT_MODES = ("exclude", "require")
 ONE_OBJECT_PROBABILITY = 0.6
@@ -113,7 +113,7 @@ def sample_scene(rng: np.random.Generator, image_size: int, held_out: str = "exc
     """Draws a scene for an `image_size` canvas.
 
     `held_out="exclude"` never uses a HELD_OUT (colour, shape) pair (train/validation/test);
-    `"require"` puts one on at least one object (test_compositional).
+    `"require"` puts one on at least one object (validation_compositional, test_compositional).
     """
     image_size = check_image_size(image_size)
     if held_out not in HELD_OUT_MODES:

@@ -4,11 +4,11 @@
 
 Stages: build captioned_shapes -> train the VQGAN (`ROOT/vqgan`) -> train the text tokenizer and DalleBart
 (`ROOT/dalle`) -> train the caption model that picks among each image's candidates (`ROOT/reranker`) -> sample a
-grid for fixed prompts, held-out colour/shape pairs included (`ROOT/samples.png`) -> sample and judge `test` and
-`test_compositional` -> `ROOT/report.json`; then it prints where those are and commands to try next. The
-reranker registers itself in `ROOT/dalle`, so `dalle-jax-sample --workdir ROOT/dalle` picks with it too. A stage
-that finished in an earlier run is reused (its recorded time is kept); a stage that was interrupted resumes from its
-checkpoint. A run trained with an older recipe, or from a run that is trained again, is moved aside and trained
+grid for fixed prompts, held-out colour/shape pairs included (`ROOT/samples.png`) -> sample and judge the validation
+splits (what choices are made on) and the test splits (what is reported) -> `ROOT/report.json`; then it prints where
+those are and commands to try next. The reranker registers itself in `ROOT/dalle`, so `dalle-jax-sample --workdir
+ROOT/dalle` picks with it too. A stage that finished in an earlier run is reused (the report marks it, and times only
+this run); a stage that was interrupted resumes from its checkpoint. A run trained with an older recipe, or from a run that is trained again, is moved aside and trained
 afresh (`demo/reuse.py`).
 """
 from __future__ import annotations
@@ -42,6 +42,8 @@ DEMO_PROMPTS = (
 IMAGES_PER_PROMPT = 8
 # What the demo writes in ROOT besides the work directories.
 SAMPLES_FILE, REPORT_FILE, JUDGED_FILE = "samples.png", "report.json", "judged.json"
+# The validation splits are what recipe and sampling choices are made on; the test splits report the result.
+JUDGED_SPLITS = ("validation", "validation_compositional", "test", "test_compositional")
 
 
 def _read_json(path: str) -> dict | None:
@@ -58,21 +60,27 @@ def _write_json(path: str, value: dict) -> None:
 
 
 class Stages:
-    """Runs each stage once; the time of a finished stage is recorded in ROOT/timings.json and reused."""
+    """Runs each stage an earlier run has not finished, and times the ones it runs: the report's times are of this
+    run alone, never summed over runs."""
 
-    def __init__(self, root: str):
-        self.path = os.path.join(root, "timings.json")
-        self.timings = _read_json(self.path) or {}
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.timings: dict[str, float | None] = {}  # None: reused from an earlier run
 
     def run(self, name: str, done: bool, work) -> None:
-        if done and name in self.timings:
-            logging.info("demo: %s already done (%.0f s when it ran)", name, self.timings[name])
+        if done:
+            logging.info("demo: %s already done in an earlier run; reused", name)
+            self.timings[name] = None
             return
         logging.info("demo: %s", name)
         start = time.perf_counter()
         work()
         self.timings[name] = time.perf_counter() - start
-        _write_json(self.path, self.timings)
+
+    def record(self) -> dict:
+        """This run's wall time, each stage's time (null: reused), and whether every stage ran in it."""
+        return dict(wall=time.perf_counter() - self.start, stages=dict(self.timings),
+                    from_empty=all(t is not None for t in self.timings.values()))
 
 
 def run_demo(root: str, max_examples: int) -> dict:
@@ -87,7 +95,7 @@ def run_demo(root: str, max_examples: int) -> dict:
     dalle_config.vqgan_workdir = vqgan_dir
     reranker_config = shapes_captioner.get_config()
     reranker_config.seq2seq_workdir = dalle_dir
-    stages = Stages(root)
+    stages = Stages()
 
     stages.run("data", sources.builder_for(vqgan_config.data).is_prepared(),
                lambda: sources.prepare(vqgan_config.data))
@@ -124,10 +132,12 @@ def run_demo(root: str, max_examples: int) -> dict:
     stages.run("samples", _newer(samples_path, reranker_done), lambda: Image.fromarray(
         load()(list(DEMO_PROMPTS), num_images=IMAGES_PER_PROMPT, seed=0).grid()).save(samples_path))
     judged_path = os.path.join(root, JUDGED_FILE)
-    stages.run("evaluate", _newer(judged_path, reranker_done), lambda: _write_json(
-        judged_path, evaluate_samples.evaluate_samples(load(), max_examples=max_examples, progress=True)))
+    judged_before = _read_json(judged_path) if _newer(judged_path, reranker_done) else None
+    stages.run("evaluate", bool(judged_before) and set(JUDGED_SPLITS) <= set(judged_before["sets"]), lambda: _write_json(
+        judged_path, evaluate_samples.evaluate_samples(load(), splits=JUDGED_SPLITS, max_examples=max_examples,
+                                                       progress=True)))
 
-    report = _report(stages.timings, vqgan_dir, dalle_dir, reranker_dir, _read_json(judged_path))
+    report = _report(stages.record(), vqgan_dir, dalle_dir, reranker_dir, _read_json(judged_path))
     _write_json(os.path.join(root, REPORT_FILE), report)
     return report
 
@@ -173,7 +183,7 @@ def _report(timings: dict, vqgan_dir: str, dalle_dir: str, reranker_dir: str, ju
             judge[split]["one_object_pairs"] = {pair: dict(accuracy=p["accuracy"], count=p["count"])
                                                 for pair, p in result["one_object_pairs"].items()}
     return dict(
-        timings_s=dict(timings, total=sum(timings.values())),
+        timings_s=timings,
         vqgan=dict(psnr=vq["psnr"], codebook_usage=vq["codebook_usage"]),
         seq2seq=dict(eval_loss=s2s["loss"], token_accuracy=s2s["token_accuracy"], perplexity=s2s["perplexity"]),
         reranker=dict(eval_loss=reranker["loss"], twin_accuracy=reranker.get("twin_accuracy")),

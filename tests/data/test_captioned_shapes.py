@@ -12,10 +12,12 @@ from dalle_jax.data.captioned_shapes import (
     CaptionedShapes,
     CaptionedShapesConfig,
     make_example,
+    scene_key,
+    compositional_test_scenes,
 )
 from dalle_jax.shapes import judge
 
-TINY_SIZES = {"train": 64, "validation": 16, "test": 16, "test_compositional": 16}
+TINY_SIZES = {"train": 64, "validation": 16, "test": 16, "test_compositional": 16, "validation_compositional": 16}
 
 
 def _prepare(data_dir):
@@ -47,7 +49,8 @@ def test_registered_with_the_documented_configs():
     assert [configs[f"s{s}"].image_size for s in (32, 64, 128, 256)] == [32, 64, 128, 256]
     assert CaptionedShapes.DEFAULT_CONFIG_NAME == "s32"
     assert configs["s32"].split_sizes == DEFAULT_SPLIT_SIZES == {
-        "train": 50_000, "validation": 2_000, "test": 2_000, "test_compositional": 1_000}
+        "train": 50_000, "validation": 2_000, "test": 2_000, "test_compositional": 1_000,
+        "validation_compositional": 1_000}
 
 
 def test_features_and_split_sizes(builder, splits):
@@ -68,7 +71,8 @@ def test_examples_match_their_scene(splits):
             assert image.dtype == np.uint8 and image.shape == (32, 32, 3)
             # Records are stored in index order and decode to the rendering of their own scene.
             np.testing.assert_array_equal(image, ss.render(scene, 32))
-            reference = make_example(split, index, 32)
+            excluded = compositional_test_scenes(TINY_SIZES["test_compositional"], 32)
+            reference = make_example(split, index, 32, excluded if split == "validation_compositional" else frozenset())
             assert _text(example["caption"]) == reference["caption"] == ss.canonical_caption(scene)
             paraphrases = [_text(p) for p in example["paraphrases"]]
             assert paraphrases == reference["paraphrases"] and paraphrases[0] == _text(example["caption"])
@@ -83,10 +87,27 @@ def test_held_out_pairs_follow_the_split(splits):
     for split, examples in splits.items():
         for example in examples:
             pairs = {(o["color"], o["shape"]) for o in ss.scene_from_example(example)["objects"]}
-            if split == "test_compositional":
+            if split.endswith("_compositional"):
                 assert pairs & set(ss.HELD_OUT), pairs
             else:
                 assert not pairs & set(ss.HELD_OUT), (split, pairs)
+
+
+def test_validation_compositional_holds_no_scene_of_test_compositional():
+    """validation_compositional tunes what test_compositional reports: the same kind of scene, never the same one."""
+    excluded = compositional_test_scenes(300, 32)
+    validation = [make_example("validation_compositional", i, 32, excluded) for i in range(300)]
+    assert not {scene_key(v) for v in validation} & excluded
+    assert all({(o["color"], o["shape"]) for o in v["objects"]} & set(ss.HELD_OUT) for v in validation)
+    # Without the exclusion, a held-out pair's few one-object scenes repeat.
+    undeduplicated = [make_example("validation_compositional", i, 32) for i in range(300)]
+    assert sum(scene_key(v) in excluded for v in undeduplicated) > 50
+
+
+def test_the_prepared_validation_compositional_split_avoids_the_prepared_test_split(splits):
+    keys = {split: {scene_key(ss.scene_from_example(e)) for e in splits[split]}
+            for split in ("validation_compositional", "test_compositional")}
+    assert keys["validation_compositional"] and not keys["validation_compositional"] & keys["test_compositional"]
 
 
 def test_judge_accepts_every_decoded_example(splits):

@@ -26,8 +26,9 @@ def _stage_outputs(tmp_path):
 
 
 def test_report_holds_every_figure_the_demo_promises(tmp_path):
-    report = demo._report({"vqgan": 2.0, "seq2seq": 3.0}, *_stage_outputs(tmp_path), _judged(with_pairs=True))
-    assert report["timings_s"] == {"vqgan": 2.0, "seq2seq": 3.0, "total": 5.0}
+    timings = dict(wall=6.0, stages={"vqgan": 2.0, "seq2seq": 3.0}, from_empty=True)
+    report = demo._report(timings, *_stage_outputs(tmp_path), _judged(with_pairs=True))
+    assert report["timings_s"] == timings
     assert report["vqgan"] == dict(psnr=31.0, codebook_usage=0.3)
     assert report["seq2seq"] == dict(eval_loss=0.14, token_accuracy=0.97, perplexity=1.15)
     assert report["judge"]["test_compositional"] == dict(accuracy=0.5, count=4, color=1.0, relation=None,
@@ -39,5 +40,17 @@ def test_report_holds_every_figure_the_demo_promises(tmp_path):
 
 
 def test_report_from_a_judged_file_written_before_pairs_were_reported(tmp_path):
-    report = demo._report({"evaluate": 1.0}, *_stage_outputs(tmp_path), _judged(with_pairs=False))
+    report = demo._report(dict(wall=1.0, stages={"evaluate": 1.0}, from_empty=True), *_stage_outputs(tmp_path),
+                          _judged(with_pairs=False))
     assert report["judge"]["test_compositional"] == dict(accuracy=0.5, count=4, color=1.0, relation=None)
+
+
+def test_the_time_is_of_this_run_alone_and_reused_stages_are_marked(monkeypatch):
+    clock = iter([100.0, 101.0, 104.0, 110.0])  # start, the stage that runs (3 s), the record
+    monkeypatch.setattr(demo.time, "perf_counter", lambda: next(clock))
+    stages = demo.Stages()
+    ran = []
+    stages.run("vqgan", True, lambda: ran.append("vqgan"))
+    stages.run("seq2seq", False, lambda: ran.append("seq2seq"))
+    assert ran == ["seq2seq"]
+    assert stages.record() == dict(wall=10.0, stages={"vqgan": None, "seq2seq": 3.0}, from_empty=False)
