@@ -29,6 +29,8 @@ from dalle_jax.demo import reuse
 
 _ROOT = flags.DEFINE_string("root", "runs/demo", "Directory of the demo's work directories and outputs.")
 _MAX_EXAMPLES = flags.DEFINE_integer("max_examples", 500, "Examples judged per split (at most the split's size).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of every stage's training (parameters, data order, draws); runs of "
+                             "one recipe that differ only in it spread by several points.")
 
 # One row each; the last three use colour/shape pairs that never occur in training.
 DEMO_PROMPTS = (
@@ -83,7 +85,7 @@ class Stages:
                     from_empty=all(t is not None for t in self.timings.values()))
 
 
-def run_demo(root: str, max_examples: int) -> dict:
+def run_demo(root: str, max_examples: int, seed: int = 0) -> dict:
     from dalle_jax.data import sources
     from dalle_jax.trainers import captioner_trainer as captioner, seq2seq_trainer as seq2seq, vqgan_trainer as vqgan
 
@@ -95,6 +97,8 @@ def run_demo(root: str, max_examples: int) -> dict:
     dalle_config.vqgan_workdir = vqgan_dir
     reranker_config = shapes_captioner.get_config()
     reranker_config.seq2seq_workdir = dalle_dir
+    for config in (vqgan_config, dalle_config, reranker_config):
+        config.seed = seed
     stages = Stages()
 
     stages.run("data", sources.builder_for(vqgan_config.data).is_prepared(),
@@ -194,7 +198,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
-    report = run_demo(_ROOT.value, _MAX_EXAMPLES.value)
+    report = run_demo(_ROOT.value, _MAX_EXAMPLES.value, _SEED.value)
     print(json.dumps(report, indent=2))
     print(next_steps(_ROOT.value, _MAX_EXAMPLES.value))
 
