@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Train DALL·E-mini-style text-to-image models in JAX/Flax, from one CPU to a TPU pod.",
     packages=find_packages(include=["dalle_jax", "dalle_jax.*"]),
+    package_data={"dalle_jax.serve": ["page.html"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.10.2,<0.11",
@@ -26,6 +27,8 @@ setup(
         "tqdm>=4.67,<5",
         "msgpack>=1,<2",  # the image-token records (dalle_jax.data.token_records)
         "numpy>=2.0,<3",
+        "starlette>=0.40,<2",  # dalle-jax-serve: the page and the API
+        "uvicorn>=0.30,<1",
     ],
     entry_points={"console_scripts": [
         "dalle-jax-train = dalle_jax.train:cli",
@@ -34,9 +37,12 @@ setup(
         "dalle-jax-import = dalle_jax.interop.import_weights:main",
         "dalle-jax-evaluate = dalle_jax.shapes.evaluate_samples:cli",
         "dalle-jax-demo = dalle_jax.demo.stages:cli",
+        "dalle-jax-serve = dalle_jax.serve.cli:cli",
     ]},
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "filelock>=3.12,<5"],  # -n 2: two workers; shared runs
+        # -n 2: two workers; shared runs. The server's tests: a real HTTP client, and a browser (the system chromium).
+        "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "filelock>=3.12,<5", "httpx>=0.27,<1",
+                 "playwright>=1.45,<2"],
         # Interop tests: the other frameworks' own modules. taming-transformers-rom1504 is installed apart, with
         # --no-deps (see the Makefile): its declared deps pull torchvision and a newer torch, its modules need neither.
         "torch": ["torch==2.13.0", "min-dalle==0.4.11", "diffusers>=0.42,<0.43", "einops>=0.8,<0.9",

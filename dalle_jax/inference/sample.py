@@ -21,6 +21,7 @@ from absl import app, flags, logging
 from PIL import Image
 
 from dalle_jax import command_line
+from dalle_jax.inference import compile_cache
 from dalle_jax.inference.text_to_image import DEFAULT_BATCH_SIZE, TextToImage
 from dalle_jax.inference.sampling import SamplingSettings
 
@@ -126,6 +127,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    logging.info("Compilation cache: %s", compile_cache.enable())
     run(flags.FLAGS)
 
 

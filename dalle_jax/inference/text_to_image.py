@@ -226,18 +226,21 @@ class TextToImage:
                     f"{settings.candidates} candidates per image")
         return f"the seq2seq model's likelihood picks the best of {settings.candidates} candidates per image"
 
-    def generate(self, text_ids: np.ndarray, seed: int, settings: SamplingSettings, *,
+    def generate(self, text_ids: np.ndarray, seed, settings: SamplingSettings, *, indices=None,
                  batch_size: int | None = None, progress: bool = False) -> tuple[np.ndarray, ...]:
         """Row i of `text_ids` (N, text_length) -> image i, the best-scoring of the K = `settings.candidates` draws
         from (seed, i*K + c), c < K: returns the codes (N, image_length) int32, the images (N, H, W, 3) uint8, the
         scores (N,) float32 (as `scorer(settings)` says), and the index i*K + c each image was drawn from (N,)
-        int64."""
+        int64. `seed` may also be one seed per row and `indices` (default 0..N-1) each row's own i, so that rows of
+        several requests sampled together come out as each request alone would."""
         settings.validate()
         text_ids = np.asarray(text_ids)
         if text_ids.ndim != 2 or text_ids.shape[0] == 0 or text_ids.shape[1] != self.text_length:
             raise ValueError(f"text_ids must have shape (N >= 1, text_length={self.text_length}), got "
                              f"{text_ids.shape}; encode prompts with encode_prompts().")
         total, candidates = len(text_ids), settings.candidates
+        row_seeds = _per_row("seed", seed, total)
+        row_indices = _per_row("indices", np.arange(total) if indices is None else indices, total)
         reranked = self.scorer(settings) == "reranker"
         ways = parallel.batch_parallelism(self.mesh)
         # Images per call: a batch of `batch_size` draws holds batch_size // candidates images (at least one).
@@ -258,12 +261,13 @@ class TextToImage:
             rows = min(batch, total - start)
             ids = np.tile(self.seq2seq.empty_text_ids, (batch, 1))
             ids[:rows] = text_ids[start:start + rows]
-            indices = np.zeros((batch,), np.int64)
-            indices[:rows] = np.arange(start, start + rows)
+            indices, seeds = np.zeros((batch,), np.int64), np.zeros((batch,), np.int64)
+            indices[:rows] = row_indices[start:start + rows]
+            seeds[:rows] = row_seeds[start:start + rows]
             drawn_ids = np.repeat(ids, candidates, axis=0)
             sampled = sampling.sample_image_tokens(
-                self._graphdef, self._state, drawn_ids, self.seq2seq.empty_text_ids,
-                seed, (indices[:, None] * candidates + np.arange(candidates)).reshape(-1), settings,
+                self._graphdef, self._state, drawn_ids, self.seq2seq.empty_text_ids, np.repeat(seeds, candidates),
+                (indices[:, None] * candidates + np.arange(candidates)).reshape(-1), settings,
                 mesh=self.mesh, sharding_rules=self.seq2seq.config.sharding_rules, with_scores=not reranked)
             if reranked:
                 tokens, pixels, drawn_scores, chosen = self._rerank(self.vqgan.params, self.reranker.params, sampled,
@@ -381,6 +385,18 @@ def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name}={value!r} must be an integer >= 1.")
     return int(value)
+
+
+def _per_row(name: str, values, rows: int) -> np.ndarray:
+    """One integer for every row, or one per row, each in [0, 2**32) -> (rows,) int64."""
+    values = np.asarray(values)
+    if values.ndim == 0:
+        values = np.full((rows,), _check_seed(values.item()) if name == "seed" else values)
+    if values.shape != (rows,) or not np.issubdtype(values.dtype, np.integer) or (
+            rows and (values.min() < 0 or values.max() >= 2 ** 32)):
+        raise ValueError(f"{name} must be one integer or one per row of text_ids ({rows}), each in [0, 2**32); got "
+                         f"{values.dtype} of shape {values.shape}.")
+    return values.astype(np.int64)
 
 
 def _check_seed(seed) -> int:

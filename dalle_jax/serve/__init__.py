@@ -1,0 +1,1 @@
+"""A web page and an HTTP API that sample from one loaded run (`dalle-jax-serve`; docs/serving.md)."""

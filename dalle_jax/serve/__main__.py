@@ -1,0 +1,3 @@
+from dalle_jax.serve.cli import cli
+
+cli()
