@@ -6,6 +6,12 @@ with a plausible area for an object become candidate components; each is read fo
 of its box and where its width narrows), size (box side against 0.35 * S), cell and centre (the centre of
 its box). A scene's objects are matched to components of their colour, choosing the assignment that
 satisfies the most stated attributes, so extra speckles or stray blobs do not hide a correct object.
+
+Two shape readings (`dalle_jax.shapes.shape_reading`): the spec's (`strict=False`, the default), which calls
+any region that is neither triangle nor square a circle, and the strict one (`strict=True`), which answers
+`unclear` (always wrong) for a region that looks like none of the three. Either way a judgement also names the
+`extras`: object-sized regions (at least half the area of the smallest object the dataset draws at this canvas
+size) that no object was matched to; a judgement is `exact` when it is correct and has none.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from dalle_jax.data import shapes_scene
+from dalle_jax.shapes import shape_reading
 
 ATTRIBUTES = ("color", "shape", "size", "cell", "relation")
 PALETTE_NAMES = ("background",) + tuple(shapes_scene.COLORS)
@@ -31,9 +38,12 @@ MIN_FILL = 0.3
 LARGE_SIDE_FRACTION = 0.35
 # A relation needs the centres this far apart (in units of S) along its axis.
 RELATION_MARGIN_FRACTION = 1 / 16
-# Shape reading: a triangle's rows are much wider at the bottom than at the top; a square fills its box.
-TRIANGLE_MIN_WIDENING = 0.3
-SQUARE_MIN_FILL = 0.9
+# The spec's shape reading: a triangle's rows are much wider at the bottom than at the top; a square fills its box.
+TRIANGLE_MIN_WIDENING = shape_reading.SPEC_TRIANGLE_MIN_WIDENING
+SQUARE_MIN_FILL = shape_reading.SPEC_SQUARE_MIN_FILL
+# A region counts as an extra object from half the area of the smallest object the dataset draws: a VQGAN's
+# speckles stay below it, any drawn shape is above it.
+EXTRA_OBJECT_AREA_SHARE = 0.5
 _SPECKLE_BLOCK = np.ones((2, 2), dtype=bool)
 
 
@@ -45,9 +55,14 @@ class Component:
     area: int
     box: tuple[int, int, int, int]  # (x0, y0, x1, y1), exclusive at the high end
     center: tuple[float, float]  # (x, y) centre of the box
-    shape: str
+    shape: str  # the spec's reading
     size: str
     cell: str
+    strict_shape: str = shape_reading.UNCLEAR  # the strict reading: a shape, or "unclear"
+    fill: float = 1.0  # share of its box the region covers
+
+    def shape_read(self, strict: bool) -> str:
+        return self.strict_shape if strict else self.shape
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +72,16 @@ class Judgement:
     correct: bool
     attributes: dict[str, bool]
     components: tuple[Component | None, ...]  # the component matched to each object, None if none
+    extras: tuple[Component, ...] = ()  # object-sized regions matched to no object
+
+    @property
+    def exact(self) -> bool:
+        """Correct, and nothing object-sized drawn beyond the scene's objects."""
+        return self.correct and not self.extras
+
+    def exact_attribute(self, name: str) -> bool:
+        """Attribute `name` right, and nothing object-sized drawn beyond the scene's objects."""
+        return self.attributes[name] and not self.extras
 
 
 def _check_image(image) -> np.ndarray:
@@ -88,18 +113,17 @@ def palette_labels(image: np.ndarray) -> np.ndarray:
     return np.where(coverage >= 0.5, nearest + 1, 0)
 
 
-def read_shape(mask: np.ndarray) -> str:
-    """Shape of a boolean mask cropped to its bounding box."""
-    height, width = mask.shape
-    fill = mask.mean()
-    widths = mask.sum(1).astype(np.float64) / max(mask.sum(1).max(), 1)
-    band = max(1, height // 4)
-    widening = widths[-band:].mean() - widths[:band].mean()
-    if widening > TRIANGLE_MIN_WIDENING:
-        return "triangle"
-    if fill >= SQUARE_MIN_FILL:
-        return "square"
-    return "circle"
+def read_shape(mask: np.ndarray, strict: bool = False) -> str:
+    """Shape of a boolean mask cropped to its bounding box: the spec's reading, or with `strict` the strict one
+    (which may be "unclear")."""
+    return shape_reading.read_strict(mask) if strict else shape_reading.read_spec(mask)
+
+
+def extra_object_min_area(image_size: int) -> float:
+    """The least area (pixels) of a region that counts as an object: EXTRA_OBJECT_AREA_SHARE of the smallest
+    object the dataset draws on an `image_size` canvas."""
+    side = shapes_scene.box_side("small", image_size)
+    return EXTRA_OBJECT_AREA_SHARE * min(int(shapes_scene.shape_mask(s, side).sum()) for s in shapes_scene.SHAPES)
 
 
 def _cell_of(center: tuple[float, float], image_size: int) -> str:
@@ -107,12 +131,12 @@ def _cell_of(center: tuple[float, float], image_size: int) -> str:
     return shapes_scene.CELLS[3 * row + col]
 
 
-def find_components(image: np.ndarray) -> list[Component]:
-    """All components of plausible area and compactness, of every palette colour."""
+def find_regions(image: np.ndarray) -> list[Component]:
+    """Every region of one palette colour at least MIN_AREA_FRACTION * S^2 in area (after dropping lone pixels
+    and filling holes), of every palette colour, read as if it were an object."""
     labels = palette_labels(image)
     size = labels.shape[0]
-    min_area, max_area = MIN_AREA_FRACTION * size * size, MAX_AREA_FRACTION * size * size
-    components = []
+    regions_found = []
     for index, color in enumerate(PALETTE_NAMES[1:], start=1):
         # Opening with a 2x2 block drops lone pixels and 1-pixel spurs that would stretch an object's box.
         mask = ndimage.binary_opening(labels == index, structure=_SPECKLE_BLOCK)
@@ -123,13 +147,13 @@ def find_components(image: np.ndarray) -> list[Component]:
             # Holes from noisy pixels inside an object still belong to it.
             mask = ndimage.binary_fill_holes(regions[slices] == label)
             area = int(mask.sum())
-            if not min_area <= area <= max_area or mask.mean() < MIN_FILL:
+            if area < MIN_AREA_FRACTION * size * size:
                 continue
             y, x = slices
             box = (x.start, y.start, x.stop, y.stop)
             center = ((x.start + x.stop) / 2.0, (y.start + y.stop) / 2.0)
             side = max(x.stop - x.start, y.stop - y.start)
-            components.append(
+            regions_found.append(
                 Component(
                     color=color,
                     area=area,
@@ -138,9 +162,22 @@ def find_components(image: np.ndarray) -> list[Component]:
                     shape=read_shape(mask),
                     size="large" if side > LARGE_SIDE_FRACTION * size else "small",
                     cell=_cell_of(center, size),
+                    strict_shape=read_shape(mask, strict=True),
+                    fill=float(mask.mean()),
                 )
             )
-    return components
+    return regions_found
+
+
+def _plausible(region: Component, image_size: int) -> bool:
+    area = image_size * image_size
+    return MIN_AREA_FRACTION * area <= region.area <= MAX_AREA_FRACTION * area and region.fill >= MIN_FILL
+
+
+def find_components(image: np.ndarray) -> list[Component]:
+    """All components of plausible area and compactness, of every palette colour."""
+    image = _check_image(image)
+    return [r for r in find_regions(image) if _plausible(r, image.shape[0])]
 
 
 def relation_holds(relation: str, center0, center1, image_size: int) -> bool:
@@ -166,11 +203,13 @@ def default_attributes(scene: dict) -> frozenset[str]:
     return frozenset({"color", "shape", "relation"})
 
 
-def judge(image: np.ndarray, scene: Mapping, attributes: Iterable[str] | None = None) -> Judgement:
+def judge(image: np.ndarray, scene: Mapping, attributes: Iterable[str] | None = None, *,
+          strict: bool = False) -> Judgement:
     """Judges `image` (uint8 (S, S, 3)) against `scene` (a shapes_scene dict or a decoded TFDS example).
 
     `attributes` names what the caption states (see `shapes_scene.stated_attributes`); by default those of
-    the canonical caption. Colour and shape are always judged.
+    the canonical caption. Colour and shape are always judged, shape by the spec's reading or, with `strict`,
+    by the strict one.
     """
     image = _check_image(image)
     scene = shapes_scene.scene_from_example(scene)
@@ -182,8 +221,9 @@ def judge(image: np.ndarray, scene: Mapping, attributes: Iterable[str] | None = 
     if len(objects) == 1:
         judged -= {"relation"}
     size = image.shape[0]
-    components = find_components(image)
-    per_object = [key for key in ("shape", "size", "cell") if key in judged]
+    regions = find_regions(image)
+    components = [r for r in regions if _plausible(r, size)]
+    per_object = [key for key in ("size", "cell") if key in judged]
 
     # None stands for "no component": an object of a colour that is absent, or a second object of one colour.
     candidates = [[c for c in components if c.color == obj["color"]] + [None] for obj in objects]
@@ -194,6 +234,7 @@ def judge(image: np.ndarray, scene: Mapping, attributes: Iterable[str] | None = 
         checks = {key: [] for key in judged}
         for obj, comp in zip(objects, chosen):
             checks["color"].append(comp is not None)
+            checks["shape"].append(comp is not None and comp.shape_read(strict) == obj["shape"])
             for key in per_object:
                 checks[key].append(comp is not None and getattr(comp, key) == obj[key])
         if "relation" in judged:
@@ -206,7 +247,9 @@ def judge(image: np.ndarray, scene: Mapping, attributes: Iterable[str] | None = 
             best, best_key = (chosen, checks), key
     chosen, checks = best
     verdicts = {key: all(checks[key]) for key in ATTRIBUTES if key in judged}
-    return Judgement(correct=all(verdicts.values()), attributes=verdicts, components=tuple(chosen))
+    min_extra = extra_object_min_area(size)
+    extras = tuple(r for r in regions if r.area >= min_extra and not any(r is c for c in chosen))
+    return Judgement(correct=all(verdicts.values()), attributes=verdicts, components=tuple(chosen), extras=extras)
 
 
 def aggregate(judgements: Iterable[Judgement]) -> dict[str, float]:
