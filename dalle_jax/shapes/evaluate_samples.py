@@ -12,15 +12,23 @@ reproduced image by image. The report (a JSON object, also returned by `evaluate
 
     {"workdir", "step", "seed", "settings": {"temperature", "top_k", "top_p", "cond_scale", "candidates"},
      "scorer": "seq2seq" | "reranker", "reranker": {"workdir", "step"} (when it scored),
-     "sets": {name: {"source", "count", "accuracy",
-                     "attributes": {attribute: {"accuracy": float | null, "count": int}},
+     "sets": {name: {"source", "count", "accuracy", "exact_accuracy", "spec_accuracy",
+                     "attributes": {attribute: {"accuracy": float | null, "exact_accuracy": float | null,
+                                                "spec_accuracy": float | null, "count": int}},
                      "one_object_pairs": {"<colour> <shape>": {"accuracy": float, "count": int, "shape": float}},
-                     "examples": [{"index", "prompt", "correct", "attributes": {attribute: bool}}]}}}
+                     "examples": [{"index", "prompt", "correct", "exact", "spec_correct", "extra_objects",
+                                   "attributes": {attribute: bool}}]}}}
 
-`accuracy` is the fraction of images judged correct on everything their caption states; an attribute's accuracy
-is over the images whose caption states it (relation: two-object scenes only), null when none does.
+`accuracy` is the fraction of images judged correct on everything their caption states, shapes read by the
+judge's strict reading (`dalle_jax.shapes.judge`, `strict=True`: a region that looks like no shape is `unclear`,
+which is wrong); `exact_accuracy` the fraction also holding no object-sized region (`extra_objects`) beyond the
+scene's objects; `spec_accuracy` the fraction correct under the spec's reading (any blob that is neither triangle
+nor square a circle), the `accuracy` of reports made before the strict reading, kept so figures compare with them.
+An attribute's figures are over the images whose caption states it (relation: two-object scenes only), null when
+none does: its `exact_accuracy` counts an image when the attribute is right and the image holds no extra object.
 `one_object_pairs` splits the one-object scenes by their object's colour and shape (`accuracy` of the images,
-and how often the `shape` was right): on `test_compositional` it shows which held-out pair a model fails to draw.
+and how often the `shape` was right, both strict): on `test_compositional` it shows which held-out pair a model
+fails to draw.
 """
 from __future__ import annotations
 
@@ -90,21 +98,32 @@ def read_prompts_file(path: str, max_examples: int | None = None) -> list[Exampl
 
 
 def judge_images(examples: Sequence[Example], images: np.ndarray) -> dict:
-    """Judges image i against example i's scene: the `count`, `accuracy`, `attributes`, `one_object_pairs` and
-    `examples` of a set."""
+    """Judges image i against example i's scene: the `count`, `accuracy`, `exact_accuracy`, `spec_accuracy`,
+    `attributes`, `one_object_pairs` and `examples` of a set."""
     if len(examples) != len(images):
         raise ValueError(f"{len(examples)} examples but {len(images)} images; pass one image per example.")
-    judgements = [judge_lib.judge(image, example.scene) for example, image in zip(examples, images)]
-    summary = judge_lib.aggregate(judgements)
+    judgements = [judge_lib.judge(image, example.scene, strict=True) for example, image in zip(examples, images)]
+    spec = [judge_lib.judge(image, example.scene) for example, image in zip(examples, images)]
     attributes = {}
     for name in judge_lib.ATTRIBUTES:
-        count = sum(name in j.attributes for j in judgements)
-        attributes[name] = dict(accuracy=summary.get(name) if count else None, count=count)
-    return dict(count=len(judgements), accuracy=summary["correct"], attributes=attributes,
-                one_object_pairs=one_object_pairs(examples, judgements),
-                examples=[dict(index=i, prompt=example.prompt, correct=bool(j.correct),
+        judged = [(j, s) for j, s in zip(judgements, spec) if name in j.attributes]
+        figures = dict(accuracy=None, exact_accuracy=None, spec_accuracy=None)
+        if judged:
+            figures = dict(accuracy=_mean(j.attributes[name] for j, _ in judged),
+                           exact_accuracy=_mean(j.exact_attribute(name) for j, _ in judged),
+                           spec_accuracy=_mean(s.attributes[name] for _, s in judged))
+        attributes[name] = dict(figures, count=len(judged))
+    return dict(count=len(judgements), accuracy=_mean(j.correct for j in judgements),
+                exact_accuracy=_mean(j.exact for j in judgements), spec_accuracy=_mean(s.correct for s in spec),
+                attributes=attributes, one_object_pairs=one_object_pairs(examples, judgements),
+                examples=[dict(index=i, prompt=example.prompt, correct=bool(j.correct), exact=bool(j.exact),
+                               spec_correct=bool(s.correct), extra_objects=len(j.extras),
                                attributes={k: bool(v) for k, v in j.attributes.items()})
-                          for i, (example, j) in enumerate(zip(examples, judgements))])
+                          for i, (example, j, s) in enumerate(zip(examples, judgements, spec))])
+
+
+def _mean(values) -> float:
+    return float(np.mean(list(values)))
 
 
 def one_object_pairs(examples: Sequence[Example], judgements: Sequence[judge_lib.Judgement]) -> dict:
@@ -217,7 +236,8 @@ def run(fv: flags.FlagValues) -> dict:
                               seed=fv.seed, batch_size=fv.batch_size, progress=True, **given)
     report_file.write_report(fv.out, report)
     for name, result in report["sets"].items():
-        logging.info("%s: accuracy %.3f over %d images", name, result["accuracy"], result["count"])
+        logging.info("%s: accuracy %.3f (exact %.3f; spec's reading %.3f) over %d images", name, result["accuracy"],
+                     result["exact_accuracy"], result["spec_accuracy"], result["count"])
     return report
 
 

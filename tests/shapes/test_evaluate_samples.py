@@ -11,6 +11,8 @@ from dalle_jax.data import shapes_scene, token_records
 from dalle_jax.shapes import evaluate_samples as ev, judge
 from dalle_jax.inference.text_to_image import TextToImage
 from tests.inference.test_text_to_image import sampling_workdir
+from tests.shapes.test_judge import _one_object
+from tests.shapes.test_judge_strict import _paint, _rounded_square
 
 SETTINGS = dict(temperature=1.2, top_k=16, top_p=0.95, cond_scale=3.0)
 
@@ -39,7 +41,8 @@ def test_the_datasets_own_images_are_judged_correct(sampling_workdir):  # noqa: 
     examples = ev.split_examples(sampling_workdir["workdir"], "test")
     rendered = np.stack([shapes_scene.render(e.scene, 32) for e in examples])
     result = ev.judge_images(examples, rendered)
-    assert result["count"] == 16 and result["accuracy"] >= 0.9, result
+    assert result["count"] == 16, result
+    assert result["accuracy"] == result["exact_accuracy"] == result["spec_accuracy"] == 1.0, result
     assert sum(a["count"] > 0 for a in result["attributes"].values()) >= 4
     # Image i is judged against scene i: paired the other way round, most images show the wrong scene.
     assert ev.judge_images(examples, rendered[::-1])["accuracy"] < 0.5
@@ -71,6 +74,37 @@ def test_one_object_pairs_split_the_one_object_scenes_by_colour_and_shape(sampli
     assert [e["correct"] for e in result["examples"]] == [True, True, False, False, True, True]
 
 
+def test_strict_exact_and_spec_figures_of_a_set():
+    square = _one_object("red", "square", "small", "top left")
+    blob_scene = _one_object("green", "circle", "large", "center")
+    x0 = blob_scene["objects"][0]["box"][0]
+    left = _one_object("yellow", "triangle", "small", "left")["objects"][0]
+    right = _one_object("purple", "circle", "small", "right")["objects"][0]
+    pair = {"objects": [left, right], "relation": "to the left of"}
+    extra_circle = shapes_scene.shape_mask("circle", 8)
+    images = [
+        shapes_scene.render(square, 32),  # right and exact
+        _paint(shapes_scene.render(square, 32), extra_circle, 22, 22, "blue"),  # right, with an extra object
+        _paint(shapes_scene.render({"objects": [], "relation": "none"}, 32), _rounded_square(14, 5.0), x0, x0,
+               "green"),  # neither circle nor square: right only under the spec's reading
+        _paint(shapes_scene.render(pair, 32), np.ones((8, 8), bool), 12, 24, "orange"),  # right, a third object
+    ]
+    examples = [ev.Example("", scene) for scene in (square, square, blob_scene, pair)]
+    result = ev.judge_images(examples, np.stack(images))
+    assert (result["accuracy"], result["exact_accuracy"], result["spec_accuracy"]) == (0.75, 0.25, 1.0)
+    assert result["attributes"]["shape"] == dict(accuracy=0.75, exact_accuracy=0.25, spec_accuracy=1.0, count=4)
+    assert result["attributes"]["size"] == dict(accuracy=1.0, exact_accuracy=pytest.approx(2 / 3), spec_accuracy=1.0,
+                                                count=3)
+    assert result["attributes"]["relation"] == dict(accuracy=1.0, exact_accuracy=0.0, spec_accuracy=1.0, count=1)
+    assert [(e["correct"], e["exact"], e["spec_correct"], e["extra_objects"]) for e in result["examples"]] == [
+        (True, True, True, 0), (True, False, True, 1), (False, False, True, 0), (True, False, True, 1)]
+    assert result["examples"][2]["attributes"] == dict(color=True, shape=False, size=True, cell=True)
+    # one_object_pairs reads shapes strictly too.
+    assert result["one_object_pairs"]["green circle"] == dict(accuracy=0.0, count=1, shape=0.0)
+    none_stated = ev.judge_images(examples[:1], np.stack(images[:1]))["attributes"]["relation"]
+    assert none_stated == dict(accuracy=None, exact_accuracy=None, spec_accuracy=None, count=0)
+
+
 def test_report_structure(report, pipe):
     assert set(report) == {"workdir", "step", "seed", "settings", "scorer", "sets"}
     assert report["scorer"] == "seq2seq"
@@ -78,9 +112,15 @@ def test_report_structure(report, pipe):
     assert report["workdir"] == pipe.seq2seq.workdir
     assert list(report["sets"]) == ["test", "test_compositional"]
     for result in report["sets"].values():
-        assert set(result) == {"source", "count", "accuracy", "attributes", "one_object_pairs", "examples"}
+        assert set(result) == {"source", "count", "accuracy", "exact_accuracy", "spec_accuracy", "attributes",
+                               "one_object_pairs", "examples"}
         assert result["count"] == len(result["examples"]) == 4
         assert set(result["attributes"]) == set(judge.ATTRIBUTES)
+        for figures in result["attributes"].values():
+            assert set(figures) == {"accuracy", "exact_accuracy", "spec_accuracy", "count"}
+        for example in result["examples"]:
+            assert set(example) == {"index", "prompt", "correct", "exact", "spec_correct", "extra_objects",
+                                    "attributes"}
     json.dumps(report)  # plain JSON types only
 
 
@@ -104,10 +144,15 @@ def test_report_accuracy_is_the_mean_of_the_per_image_judgements(report, pipe):
         examples = ev.split_examples(pipe.seq2seq.workdir, split, max_examples=4)
         # Image i comes from (seed, i), so it can be sampled again, here in other batches, and judged afresh.
         images = pipe([e.prompt for e in examples], num_images=1, seed=3, batch_size=3, **SETTINGS).images[:, 0]
-        judgements = [judge.judge(image, e.scene) for image, e in zip(images, examples)]
+        judgements = [judge.judge(image, e.scene, strict=True) for image, e in zip(images, examples)]
+        spec = [judge.judge(image, e.scene) for image, e in zip(images, examples)]
         assert [r["correct"] for r in result["examples"]] == [j.correct for j in judgements]
+        assert [r["exact"] for r in result["examples"]] == [j.exact for j in judgements]
+        assert [r["spec_correct"] for r in result["examples"]] == [j.correct for j in spec]
         assert [r["attributes"] for r in result["examples"]] == [j.attributes for j in judgements]
         assert result["accuracy"] == pytest.approx(np.mean([j.correct for j in judgements]))
+        assert result["exact_accuracy"] == pytest.approx(np.mean([j.exact for j in judgements]))
+        assert result["spec_accuracy"] == pytest.approx(np.mean([j.correct for j in spec]))
         for name, figures in result["attributes"].items():
             values = [j.attributes[name] for j in judgements if name in j.attributes]
             assert figures["count"] == len(values)
