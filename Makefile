@@ -13,6 +13,8 @@ $(STAMP): setup.py
 	$(PY) -m pip install --quiet -e ".[test,torch]"
 	# taming's modules need only torch, numpy and einops; its declared deps would replace torch (see setup.py).
 	$(PY) -m pip install --quiet --no-deps "taming-transformers-rom1504==0.0.6"
+	# The page's test drives Debian's chromium (Playwright downloads no browser here); installing it needs root.
+	command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 	touch $(STAMP)
 
 test: install

@@ -13,9 +13,10 @@ from collections import Counter
 import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dalle_jax")
-INFERENCE = ("dalle_jax.runs", "dalle_jax.inference", "dalle_jax.interop")
+INFERENCE = ("dalle_jax.runs", "dalle_jax.inference", "dalle_jax.interop", "dalle_jax.serve")
 CORE = ("dalle_jax.data", "dalle_jax.models", "dalle_jax.training", "dalle_jax.parallel", "dalle_jax.runs",
-        "dalle_jax.inference", "dalle_jax.interop", "dalle_jax.trainers", "dalle_jax.pods", "dalle_jax.extensions")
+        "dalle_jax.inference", "dalle_jax.interop", "dalle_jax.trainers", "dalle_jax.pods", "dalle_jax.extensions",
+        "dalle_jax.serve")
 
 
 def module_files(package_dir: str = PACKAGE) -> dict[str, str]:
