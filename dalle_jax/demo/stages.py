@@ -183,6 +183,10 @@ def _report(timings: dict, vqgan_dir: str, dalle_dir: str, reranker_dir: str, ju
     for split, result in judged["sets"].items():
         judge[split] = dict(accuracy=result["accuracy"], count=result["count"],
                             **{name: a["accuracy"] for name, a in result["attributes"].items()})
+        for figure in ("exact_accuracy", "spec_accuracy"):  # absent from judged.json files before the strict judge
+            if figure in result:
+                judge[split][figure] = result[figure]
+                judge[split][f"{figure}_by_attribute"] = {name: a[figure] for name, a in result["attributes"].items()}
         if "one_object_pairs" in result:  # absent from the judged.json of a demo run before it was reported
             judge[split]["one_object_pairs"] = {pair: dict(accuracy=p["accuracy"], count=p["count"])
                                                 for pair, p in result["one_object_pairs"].items()}

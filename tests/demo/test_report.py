@@ -4,9 +4,13 @@ import json
 from dalle_jax.demo import stages as demo
 
 
-def _judged(with_pairs: bool) -> dict:
+def _judged(with_pairs: bool, strict: bool = False) -> dict:
     result = dict(accuracy=0.5, count=4, attributes={"color": dict(accuracy=1.0, count=4),
                                                      "relation": dict(accuracy=None, count=0)})
+    if strict:
+        result.update(exact_accuracy=0.25, spec_accuracy=0.75)
+        result["attributes"]["color"].update(exact_accuracy=0.5, spec_accuracy=1.0)
+        result["attributes"]["relation"].update(exact_accuracy=None, spec_accuracy=None)
     if with_pairs:
         result["one_object_pairs"] = {"purple circle": dict(accuracy=0.25, count=4, shape=0.5)}
     return dict(settings=dict(temperature=0.7, top_k=8, top_p=1.0, cond_scale=2.0, candidates=4), scorer="reranker",
@@ -54,3 +58,12 @@ def test_the_time_is_of_this_run_alone_and_reused_stages_are_marked(monkeypatch)
     stages.run("seq2seq", False, lambda: ran.append("seq2seq"))
     assert ran == ["seq2seq"]
     assert stages.record() == dict(wall=10.0, stages={"vqgan": None, "seq2seq": 3.0}, from_empty=False)
+
+
+def test_report_carries_the_exact_and_spec_figures_when_judged_strictly(tmp_path):
+    report = demo._report(dict(wall=1.0, stages={}, from_empty=True), *_stage_outputs(tmp_path),
+                          _judged(with_pairs=False, strict=True))
+    judged = report["judge"]["test_compositional"]
+    assert judged["exact_accuracy"] == 0.25 and judged["spec_accuracy"] == 0.75
+    assert judged["exact_accuracy_by_attribute"] == {"color": 0.5, "relation": None}
+    assert judged["spec_accuracy_by_attribute"] == {"color": 1.0, "relation": None}
