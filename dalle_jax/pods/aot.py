@@ -2,8 +2,10 @@
 
 `compile_for_topology(config, "v5e:16x16")` builds the pod's (compile-only) devices, the config's mesh over them,
 the sharded abstract state and batch, and compiles exactly the step `train.py` would run there. The report holds
-XLA's per-chip memory (arguments, outputs, temporaries, code) against the chip's HBM, the compiler's FLOPs and its
-own step-time estimate, and the model FLOPs utilisation that estimate implies.
+XLA's per-chip memory (arguments, outputs, temporaries, code) against the chip's HBM, the compiler's FLOPs, an
+estimate of the step's compute time (the TPU compiler's cost model) and of its communication time (`communication`:
+the collectives' bytes at the interconnect's bandwidth), and the step time and model FLOPs utilisation between
+those two overlapping fully and not at all.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import jax
 import ml_collections
 
 from dalle_jax import parallel
-from dalle_jax.pods import tpu_cycles
+from dalle_jax.pods import communication, tpu_cycles
 
 GiB = 1024 ** 3
 
@@ -28,16 +30,20 @@ class Chip:
     hbm_bytes: int  # HBM of one chip
     hbm_bytes_per_s: float  # HBM bandwidth of one chip
     clock_hz: float  # TensorCore clock: peak = cores x 4 MXUs x MXU multiply-adds x 2 x clock
+    interconnect: communication.Interconnect  # inter-chip (ICI) links: one's one-way bandwidth, how many
     megacore: bool = False  # two TensorCores that jax drives as one device
 
 
 # Public per-chip figures from Google Cloud's TPU pages; topology names are libtpu's ("v5e:4x4", "v4:2x2x2"). The
 # clocks are the ones those peaks imply: v4 and v5p 2 cores, v5e and v6e 1; MXUs of 128x128, v6e's of 256x256.
+# ICI: the pages' bidirectional bandwidth per chip (v5e 400 GB/s, v6e 800 GB/s over 4 ports in a 2D torus; v5p
+# 1,200 GB/s over 6 in a 3D torus) split over its ports and two directions; v4's page gives only the all-reduce
+# bandwidth per pod, 1.1 PB/s over 4,096 chips, which is half the bidirectional figure on v5e and v6e: 537 GB/s.
 CHIPS = {
-    "v4": Chip(275e12, 32 * GiB, 1228e9, 1.05e9, megacore=True),
-    "v5e": Chip(197e12, 16 * GiB, 819e9, 1.5e9),
-    "v5p": Chip(459e12, 95 * GiB, 2765e9, 1.75e9, megacore=True),
-    "v6e": Chip(918e12, 32 * GiB, 1640e9, 1.75e9),
+    "v4": Chip(275e12, 32 * GiB, 1228e9, 1.05e9, communication.Interconnect(1.1e15 / 4096 / 6, 6), megacore=True),
+    "v5e": Chip(197e12, 16 * GiB, 819e9, 1.5e9, communication.Interconnect(400e9 / 8, 4)),
+    "v5p": Chip(459e12, 95 * GiB, 2765e9, 1.75e9, communication.Interconnect(1200e9 / 12, 6), megacore=True),
+    "v6e": Chip(918e12, 32 * GiB, 1640e9, 1.75e9, communication.Interconnect(800e9 / 8, 4)),
 }
 
 
@@ -63,10 +69,16 @@ class Report:
     model_flops_per_step: float  # the model's own FLOPs for one global batch (no rematerialisation)
     compiler_cycles: int  # the TPU compiler's cycle estimates over one step, loops times their trips (0: none)
     loop_trips: tuple  # iteration counts of the program's loops, as the cycle count used them
-    estimated_step_s: float
+    compute_s: float  # one step's compute, communication not included
     # "compiler cycles": compiler_cycles at the chip's clock; "compiler": XLA's cost-analysis time; "roofline": FLOPs
     # and bytes against the chip's peaks
-    step_time_source: str
+    compute_source: str
+    # One step's collectives per chip (`communication`): bytes each chip sends, and their time at the chip's ICI
+    # bandwidth; None where a loop's iteration count cannot be read.
+    communication_bytes: float | None
+    communication_s: float | None
+    collectives: dict  # kind -> {"executions", "bytes", "seconds"} per step
+    uncosted: dict  # opcode -> executions per step of instructions with no cycle figure (compiler cycles only)
     lower_s: float
     compile_s: float
 
@@ -79,12 +91,21 @@ class Report:
         return self.per_chip_bytes <= self.hbm_bytes
 
     @property
-    def estimated_mfu(self) -> float:
-        return self.model_flops_per_step / (self.chips * CHIPS[chip_name(self.topology)].peak_flops
-                                            * self.estimated_step_s)
+    def step_s_full_overlap(self) -> float:
+        """The step if communication hides entirely behind compute (or compute behind it)."""
+        return max(self.compute_s, self.communication_s or 0.0)
+
+    @property
+    def step_s_no_overlap(self) -> float:
+        """The step if nothing overlaps."""
+        return self.compute_s + (self.communication_s or 0.0)
+
+    def mfu(self, step_s: float) -> float:
+        return self.model_flops_per_step / (self.chips * CHIPS[chip_name(self.topology)].peak_flops * step_s)
 
     def text(self) -> str:
         gib = lambda b: f"{b / GiB:.2f} GiB"
+        chip = CHIPS[chip_name(self.topology)]
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
         return "\n".join([
             f"{self.trainer} train step on {self.topology}: {self.chips} chips, mesh {mesh}, global batch "
@@ -96,17 +117,26 @@ class Report:
             f"  per chip (XLA's cost analysis, each of the program's {self.loops} loop bodies counted once): FLOPs "
             f"{self.compiler_flops_per_chip:.4g}, bytes accessed {self.bytes_accessed_per_chip:.4g}; model FLOPs per "
             f"step {self.model_flops_per_step:.4g}",
-            f"  estimated step time {self.estimated_step_s * 1e3:.1f} ms ({self.step_time_source}"
-            + (f": {self.compiler_cycles:.4g} cycles at {CHIPS[chip_name(self.topology)].clock_hz / 1e9:g} GHz, "
-               f"loops run {list(self.loop_trips)} times" if self.step_time_source == "compiler cycles" else "")
-            + f"); estimated MFU {100 * self.estimated_mfu:.1f}%"
-            + (" (roofline: a lower bound on the time, an upper bound on the MFU)"
-               if self.step_time_source == "roofline" else ""),
-        ])
+            f"  compute {self.compute_s * 1e3:.1f} ms ({self.compute_source}"
+            + (f": {self.compiler_cycles:.4g} cycles at {chip.clock_hz / 1e9:g} GHz, "
+               f"loops run {list(self.loop_trips)} times" if self.compute_source == "compiler cycles" else "")
+            + ")" + (" (roofline: a lower bound)" if self.compute_source == "roofline" else ""),
+            "  communication " + (
+                "unknown (a loop's iteration count cannot be read)" if self.communication_s is None else
+                f"{self.communication_s * 1e3:.1f} ms: {self.communication_bytes / 1e9:.2f} GB sent per chip ("
+                + ", ".join(f"{kind} {c['executions']}x {c['bytes'] / 1e9:.2f} GB {c['seconds'] * 1e3:.1f} ms"
+                            for kind, c in self.collectives.items())
+                + f") over links of {chip.interconnect.link_bytes_per_s / 1e9:.1f} GB/s each way"),
+            f"  estimated step {self.step_s_full_overlap * 1e3:.1f}-{self.step_s_no_overlap * 1e3:.1f} ms (full overlap"
+            f" - none), MFU {100 * self.mfu(self.step_s_no_overlap):.1f}-{100 * self.mfu(self.step_s_full_overlap):.1f}%",
+        ] + ([f"  without a cycle figure, not in the compute time: {sum(self.uncosted.values())} executions per step ("
+              + ", ".join(f"{op} {n}" for op, n in list(self.uncosted.items())[:6]) + ", ...)"]
+             if self.uncosted else []))
 
     def as_dict(self) -> dict:
         return dict(dataclasses.asdict(self), per_chip_bytes=self.per_chip_bytes, fits=self.fits,
-                    estimated_mfu=self.estimated_mfu)
+                    step_s_full_overlap=self.step_s_full_overlap, step_s_no_overlap=self.step_s_no_overlap,
+                    mfu_full_overlap=self.mfu(self.step_s_full_overlap), mfu_no_overlap=self.mfu(self.step_s_no_overlap))
 
     def json_line(self) -> str:
         return json.dumps(self.as_dict())
@@ -204,16 +234,20 @@ def compile_for_topology(config: ml_collections.ConfigDict, topology: str, *, hl
     if hlo_path:
         with open(hlo_path, "w") as f:
             f.write(hlo_text)
+    # The HLO's device ids index the mesh's devices in order; their torus coordinates say which axes a group spans.
+    coords = [tuple(d.coords) for d in mesh.devices.flat]
     return summarise(config, topology, dict(mesh.shape), compiled.memory_analysis(),
                      _cost(compiled.cost_analysis()), hlo_text, lower_s=lowered_at - start,
-                     compile_s=compiled_at - lowered_at)
+                     compile_s=compiled_at - lowered_at, coords=coords)
 
 
 def summarise(config, topology: str, mesh_shape: dict, memory, cost: dict, hlo_text: str, *, lower_s: float,
-              compile_s: float) -> Report:
-    """The report of one compiled step from XLA's memory and cost analyses and its optimised HLO.
+              compile_s: float, coords=None) -> Report:
+    """The report of one compiled step from XLA's memory and cost analyses and its optimised HLO (`coords`: the
+    torus coordinates of the devices its groups name, in order).
 
-    The step time is, in order of preference: the TPU compiler's own per-instruction cycle estimates summed over
+    Communication is the program's collectives at the chip's interconnect bandwidth (`communication`). The compute
+    time is, in order of preference: the TPU compiler's own per-instruction cycle estimates summed over
     one step (`tpu_cycles`: each loop body times its iteration count) at the chip's clock; XLA's cost-analysis time
     when positive; the roofline max(FLOPs / peak, bytes / HBM bandwidth). XLA's cost analysis counts the body of a
     loop once (`loops` says how many the program has; scanned layers are one), so its FLOPs fall short of the
@@ -227,6 +261,9 @@ def summarise(config, topology: str, mesh_shape: dict, memory, cost: dict, hlo_t
     compiler_s = float(cost.get("optimal_seconds", 0.0))
     model_flops = model_flops_per_step(config, flops, chips)
     cycles = tpu_cycles.program_cycles(hlo_text)
+    program = tpu_cycles.program_lines(hlo_text)
+    collectives = communication.program_collectives(hlo_text, coords)
+    traffic = None if collectives is None else communication.traffic(collectives, chip.interconnect)
     if cycles is not None:
         step_s, source = cycles.cycles / chip.clock_hz, "compiler cycles"
     elif compiler_s > 0:
@@ -243,7 +280,13 @@ def summarise(config, topology: str, mesh_shape: dict, memory, cost: dict, hlo_t
         hbm_bytes=chip.hbm_bytes, compiler_flops_per_chip=flops, bytes_accessed_per_chip=accessed,
         loops=hlo_text.count(" while("), model_flops_per_step=model_flops,
         compiler_cycles=cycles.cycles if cycles else 0, loop_trips=cycles.trip_counts if cycles else (),
-        estimated_step_s=step_s, step_time_source=source, lower_s=lower_s, compile_s=compile_s)
+        compute_s=step_s, compute_source=source,
+        communication_bytes=traffic and traffic.total_bytes, communication_s=traffic and traffic.total_seconds,
+        collectives={} if traffic is None else {
+            kind: dict(executions=traffic.executions[kind], bytes=traffic.sent_bytes[kind],
+                       seconds=traffic.seconds[kind]) for kind in traffic.executions},
+        uncosted=tpu_cycles.uncosted(program) if cycles is not None else {},
+        lower_s=lower_s, compile_s=compile_s)
 
 
 def check_fits(report: Report) -> None:

@@ -41,21 +41,25 @@ def test_report_adds_memory_and_falls_back_to_the_roofline():
     assert report.per_chip_bytes == (1 << 20) + (3 << 30) + (1 << 10)  # outputs donated in place of arguments
     assert report.fits and report.hbm_bytes == 16 * aot.GiB
     # A negative compiler estimate is ignored for the roofline of XLA's counts; the scan's loops are reported.
-    assert report.step_time_source == "roofline" and report.loops == hlo.count(" while(") >= 1
+    assert report.compute_source == "roofline" and report.loops == hlo.count(" while(") >= 1
     # XLA's 1e6 FLOPs fall short of the model's, which the roofline uses instead.
     model_per_chip = report.model_flops_per_step / 4
     assert model_per_chip > 1e6
-    assert report.estimated_step_s == pytest.approx(max(model_per_chip / 197e12, 1e6 / 819e9))
-    assert report.estimated_mfu == pytest.approx(report.model_flops_per_step / (4 * 197e12 * report.estimated_step_s))
+    assert report.compute_s == pytest.approx(max(model_per_chip / 197e12, 1e6 / 819e9))
+    # One device's program has no collectives: the range closes on the compute time.
+    assert (report.communication_bytes, report.communication_s, report.collectives) == (0, 0, {})
+    assert report.step_s_full_overlap == report.step_s_no_overlap == report.compute_s
     line = json.loads(report.json_line())
-    for key in ("per_chip_bytes", "hbm_bytes", "estimated_step_s", "estimated_mfu"):
+    assert line["mfu_no_overlap"] == pytest.approx(report.model_flops_per_step / (4 * 197e12 * report.compute_s))
+    for key in ("per_chip_bytes", "hbm_bytes", "compute_s", "communication_s", "step_s_full_overlap",
+                "step_s_no_overlap"):
         assert line[key] == pytest.approx(getattr(report, key))
     aot.check_fits(report)
 
 
 def test_a_positive_compiler_estimate_is_the_step_time():
     report = _report(1 << 30, _scanned_matmuls_hlo(2), optimal_seconds=0.25)
-    assert (report.estimated_step_s, report.step_time_source) == (0.25, "compiler")
+    assert (report.compute_s, report.compute_source) == (0.25, "compiler")
 
 
 def test_a_step_that_does_not_fit_fails_naming_the_figures_and_fixes():
@@ -90,10 +94,15 @@ def test_cli_compiles_the_tiny_seq2seq_step_for_a_v5e_slice(compilation_cache):
                                                                  "code_bytes"))
     # Scanned layers are loops, whose bodies XLA counts once: below a chip's quarter of the model's FLOPs.
     assert report["loops"] >= 2 and 0 < report["compiler_flops_per_chip"] < report["model_flops_per_step"] / 4
-    assert report["estimated_step_s"] > 0 and 0 < report["estimated_mfu"] < 1
-    # The step time is libtpu's own cycle estimate, with the decoder's 2 scanned layers run twice (forward, backward).
-    assert report["step_time_source"] == "compiler cycles" and report["loop_trips"].count(2) == 2
-    assert report["estimated_step_s"] == pytest.approx(report["compiler_cycles"] / 1.5e9)
+    # The compute time is libtpu's own cycle estimate, with the decoder's 2 scanned layers run twice (forward,
+    # backward).
+    assert report["compute_source"] == "compiler cycles" and report["loop_trips"].count(2) == 2
+    assert report["compute_s"] == pytest.approx(report["compiler_cycles"] / 1.5e9)
+    # Data parallel over 4 chips: the gradients are all-reduced, at least once per parameter byte (f32 or bf16).
+    assert report["collectives"]["all-reduce"]["bytes"] > 0 and report["communication_s"] > 0
+    assert report["step_s_no_overlap"] == pytest.approx(report["compute_s"] + report["communication_s"])
+    assert 0 < report["mfu_no_overlap"] < report["mfu_full_overlap"] < 1
+    assert "communication" in result.stdout and "without a cycle figure" in result.stdout
     assert "per-chip memory" in result.stdout
 
 

@@ -100,8 +100,18 @@ def test_a_program_compiled_for_another_backend_has_no_estimate():
 
 def test_the_report_prefers_the_compiler_cycles_at_the_chip_clock():
     report = _report(1 << 30, _program(), optimal_seconds=0.25)
-    assert report.step_time_source == "compiler cycles"
+    assert report.compute_source == "compiler cycles"
     assert report.compiler_cycles == 40 + 6 * 164 + 7 + 9 and report.loop_trips == (6, 3)
-    assert report.estimated_step_s == pytest.approx(report.compiler_cycles / 1.5e9)  # v5e's clock
+    assert report.compute_s == pytest.approx(report.compiler_cycles / 1.5e9)  # v5e's clock
     assert "cycles at 1.5 GHz, loops run [6, 3] times" in report.text()
-    assert report.estimated_mfu == pytest.approx(report.model_flops_per_step / (4 * 197e12 * report.estimated_step_s))
+    assert report.mfu(report.compute_s) == pytest.approx(report.model_flops_per_step / (4 * 197e12 * report.compute_s))
+    # What does work without a figure is counted: the entry's last copy (constants, tuples and the like move nothing).
+    assert report.uncosted == {"copy": 1}
+    assert "without a cycle figure, not in the compute time: 1 executions per step (copy 1" in report.text()
+
+
+def test_instructions_without_a_figure_are_counted_each_time_they_run():
+    hlo = _program().replace('copy(%start.inner), backend_config={"estimated_cycles":"0"}', "copy(%start.inner)")
+    program = tpu_cycles.program_lines(hlo)
+    assert tpu_cycles.uncosted(program) == {"copy": 1 + 6}  # the entry's, and the outer loop's in each iteration
+    assert tpu_cycles.program_cycles(hlo).cycles == tpu_cycles.program_cycles(_program()).cycles
