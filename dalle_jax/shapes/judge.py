@@ -38,9 +38,6 @@ MIN_FILL = 0.3
 LARGE_SIDE_FRACTION = 0.35
 # A relation needs the centres this far apart (in units of S) along its axis.
 RELATION_MARGIN_FRACTION = 1 / 16
-# The spec's shape reading: a triangle's rows are much wider at the bottom than at the top; a square fills its box.
-TRIANGLE_MIN_WIDENING = shape_reading.SPEC_TRIANGLE_MIN_WIDENING
-SQUARE_MIN_FILL = shape_reading.SPEC_SQUARE_MIN_FILL
 # A region counts as an extra object from half the area of the smallest object the dataset draws: a VQGAN's
 # speckles stay below it, any drawn shape is above it.
 EXTRA_OBJECT_AREA_SHARE = 0.5
@@ -58,8 +55,8 @@ class Component:
     shape: str  # the spec's reading
     size: str
     cell: str
-    strict_shape: str = shape_reading.UNCLEAR  # the strict reading: a shape, or "unclear"
-    fill: float = 1.0  # share of its box the region covers
+    strict_shape: str  # the strict reading: a shape, or "unclear"
+    fill: float  # share of its box the region covers
 
     def shape_read(self, strict: bool) -> str:
         return self.strict_shape if strict else self.shape
