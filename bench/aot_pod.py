@@ -2,8 +2,9 @@
 `.venv-tpu/bin/python bench/aot_pod.py [--only dalle_mega]` (needs `make tpu-venv`; about 22 minutes on 2 cores:
 a DALL·E compile takes 2-4 minutes, the VQGAN's 12). `--hlo_dir DIR` also keeps each compiled step's HLO.
 
-For each recipe and topology: per-chip memory against HBM, matmul FLOPs, estimated step time and MFU (see
-dalle_jax/pods/aot.py for how each figure is obtained); the final line is one JSON object with every report.
+For each recipe and topology: per-chip memory against HBM, matmul FLOPs, the estimated compute and communication
+times, the step time and MFU between their full overlap and none, and the instructions that carry no cycle figure
+(see dalle_jax/pods/aot.py for how each figure is obtained); the final line is one JSON object with every report.
 """
 import argparse
 import importlib

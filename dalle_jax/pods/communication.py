@@ -144,13 +144,12 @@ def _collective_lines(line: str, bodies: dict[str, list[str]], inside_start: boo
 
 
 def _data_bytes(kind: str, opcode: str, result: str, n: int) -> int:
-    sizes = array_bytes(result)
-    if opcode.endswith("-start"):
-        # (operands, results[, scalar context]): the arrays' first half are the operands, the second the results.
-        arrays = [s for s in sizes if s > 4] if len(sizes) > 2 else sizes
+    if opcode.endswith("-start") and kind != "all-reduce":
+        # (operands, results, scalar context): of the arrays that have dimensions, the first half are the operands.
+        arrays = [size for size, (_, dims) in zip(array_bytes(result), _ARRAY.findall(result)) if dims]
         half = len(arrays) // 2
         return sum(arrays[:half]) if kind == "reduce-scatter" else sum(arrays[half:])
-    return sum(sizes) * n if kind == "reduce-scatter" else sum(sizes)
+    return sum(array_bytes(result)) * (n if kind == "reduce-scatter" else 1)
 
 
 def program_collectives(hlo_text: str, coords: Sequence[Sequence[int]] | None = None) -> list[Collective] | None:
@@ -168,8 +167,9 @@ def program_collectives(hlo_text: str, coords: Sequence[Sequence[int]] | None = 
             name, result, opcode = tpu_cycles.instruction_parts(line)
             kind = opcode.removesuffix("-start")
             if kind == "collective-permute":
-                pairs = re.findall(r"\{(\d+),(\d+)\}", _PAIRS.search(line).group(1)) if _PAIRS.search(line) else []
-                n, axes = (2 if any(s != t for s, t in pairs) else 1), 1
+                pairs = _PAIRS.search(line)
+                moves = pairs and any(s != t for s, t in re.findall(r"\{(\d+),(\d+)\}", pairs.group(1)))
+                n, axes = (2 if moves else 1), 1
             else:
                 groups = replica_groups(line, devices)
                 n, axes = len(groups[0]), _axes_spanned(groups, coords)

@@ -113,6 +113,7 @@ ENTRY %main (x: f32[64], w: bf16[4,8]) -> f32[64] {
   %done = bf16[16,8]{1,0} fusion(%w), kind=kCustom, calls=%async_done_fusion
   %cp = (bf16[16,8]{1,0}, bf16[16,8]{1,0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%done), channel_id=3, source_target_pairs={{0,1},{1,0}}
   %cpd = bf16[16,8]{1,0} collective-permute-done(%cp)
+  %both = (f32[64]{0}, bf16[16,8]{1,0}) all-reduce(%x, %cpd), channel_id=4, replica_groups={}, to_apply=%add
   %zero = s32[]{:T(128)} constant(0)
   %t0 = (s32[]{:T(128)}, f32[64]{0}) tuple(%zero, %x)
   %loop = (s32[]{:T(128)}, f32[64]{0}) while(%t0), condition=%cond, body=%body
@@ -134,11 +135,13 @@ def test_replica_groups_in_every_form():
 def test_async_pairs_and_split_collectives_count_once_and_loops_by_their_trips():
     found = {c.name: c for c in communication.program_collectives(HLO)}
     # The gather libtpu split over three fusions counts at its start: 4 bf16[4,8] shards gathered into bf16[16,8].
-    assert set(found) == {"all-gather.1", "cp", "ars", "ags"}
+    assert set(found) == {"all-gather.1", "cp", "both", "ars", "ags"}
     assert (found["all-gather.1"].data_bytes, found["all-gather.1"].group_size) == (256, 4)
     assert found["all-gather.1"].sent_bytes == 192 and found["all-gather.1"].runs == 1
     # A permute's start returns (operand, result, context): it sends its operand.
     assert (found["cp"].kind, found["cp"].sent_bytes) == ("collective-permute", 256)
+    # Two arrays reduced in one all-reduce over all 8 devices (no groups given): 256 + 256 bytes.
+    assert (found["both"].group_size, found["both"].sent_bytes) == (8, 2 * 7 / 8 * 512)
     # In the loop of 5 iterations: an all-reduce over groups of 4, an all-gather from f32[16] to f32[64] over 2.
     assert (found["ars"].kind, found["ars"].group_size, found["ars"].runs) == ("all-reduce", 4, 5)
     assert found["ars"].sent_bytes == 2 * 3 / 4 * 256
