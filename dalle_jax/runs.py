@@ -28,7 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from dalle_jax import extensions, parallel
+from dalle_jax import extensions, parallel, storage
 from dalle_jax.data import text as text_lib
 from dalle_jax.data import min_dalle_tokenizer
 from dalle_jax.models import transformer_layers as tl
@@ -56,17 +56,17 @@ KINDS = {
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     """Writes `workdir/config.json` (process 0): what later stages read to rebuild the run's models."""
     if jax.process_index() == 0:
-        os.makedirs(workdir, exist_ok=True)
-        with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
-            f.write(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        storage.makedirs(workdir)
+        storage.write_atomic(storage.join(workdir, CONFIG_FILE), config.to_json_best_effort(indent=2, sort_keys=True)
+                             + "\n")
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = storage.join(workdir, CONFIG_FILE)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} does not exist: {workdir!r} is not a dalle_jax work directory "
                                 "(train.py writes config.json there when a run starts).")
-    with open(path) as f:
+    with storage.open(path) as f:
         return ml_collections.ConfigDict(json.load(f))
 
 
@@ -74,7 +74,7 @@ def read_config(workdir: str, trainer: str) -> ml_collections.ConfigDict:
     """The config of the `trainer` run in `workdir`; fails, naming the command that makes one, when `workdir` does
     not exist, is not a work directory, or holds another trainer's run."""
     name, command = KINDS[trainer]
-    if not os.path.isdir(workdir):
+    if not storage.isdir(workdir):
         raise FileNotFoundError(f"The {name} work directory {workdir!r} does not exist. Train one with "
                                 f"`{command.format(workdir=workdir)}`.")
     config = load_config(workdir)
@@ -83,8 +83,8 @@ def read_config(workdir: str, trainer: str) -> ml_collections.ConfigDict:
         raise ValueError(f"{workdir!r} is a work directory of the {found!r} trainer, not of a {name} run "
                          f"(its config.trainer must be {trainer!r}). Pass a run trained with "
                          f"`{command.format(workdir='DIR')}`.")
-    if trainer == "seq2seq" and not any(os.path.isfile(os.path.join(workdir, f)) for f in TOKENIZER_FILES[:2]):
-        raise FileNotFoundError(f"{os.path.join(workdir, TOKENIZER_FILE)} does not exist: the run in {workdir!r} "
+    if trainer == "seq2seq" and not any(storage.isfile(storage.join(workdir, f)) for f in TOKENIZER_FILES[:2]):
+        raise FileNotFoundError(f"{storage.join(workdir, TOKENIZER_FILE)} does not exist: the run in {workdir!r} "
                                 "stopped before it made its tokenizer. Resume it with "
                                 f"`{command.format(workdir=workdir)}`.")
     return config
@@ -96,10 +96,10 @@ def checkpoint_step(workdir: str, trainer: str, step: int | None = None) -> int:
     name, command = KINDS[trainer]
     steps = checkpointing.checkpoint_steps(workdir)
     if trainer == "captioner":
-        steps = checkpointing.training_steps(os.path.join(os.path.abspath(workdir), "checkpoints"), steps)
+        steps = checkpointing.training_steps(storage.join(storage.abspath(workdir), "checkpoints"), steps)
     if not steps:
         raise FileNotFoundError(f"The {name} work directory {workdir!r} has no checkpoint in "
-                                f"{os.path.join(workdir, 'checkpoints')} yet. Train it (at least to its first "
+                                f"{storage.join(workdir, 'checkpoints')} yet. Train it (at least to its first "
                                 f"checkpoint) with `{command.format(workdir=workdir)}`.")
     if step is None:
         return int(steps[-1])
@@ -116,7 +116,7 @@ def default_mesh() -> Mesh:
 def vqgan_workdir_of(workdir: str, config: ml_collections.ConfigDict, override: str | None = None) -> str:
     """The VQGAN work directory a seq2seq run was trained on (`override` when given); fails when it is missing."""
     path = override or config.get("vqgan_workdir")
-    if not path or not os.path.isdir(path):
+    if not path or not storage.isdir(path):
         source = "vqgan_workdir" if override else f"config.vqgan_workdir of {workdir!r}"
         raise FileNotFoundError(
             f"The VQGAN work directory {path!r} ({source}) does not exist (relative paths are read from "
@@ -144,8 +144,8 @@ def _merge(graphdef: nnx.GraphDef, params: dict, rng_state) -> nnx.Module:
 def load_tokenizer(workdir: str):
     """The run's sentencepiece `tokenizer.model`, or, in a work directory imported from min-dalle, its BPE
     `vocab.json` + `merges.txt` (same interface)."""
-    if os.path.isfile(os.path.join(workdir, TOKENIZER_FILE)):
-        return text_lib.TextTokenizer(os.path.join(workdir, TOKENIZER_FILE))
+    if storage.isfile(storage.join(workdir, TOKENIZER_FILE)):
+        return text_lib.TextTokenizer(storage.local_copy(storage.join(workdir, TOKENIZER_FILE), "tokenizer"))
     return min_dalle_tokenizer.MinDalleTokenizer(workdir)
 
 
@@ -153,10 +153,9 @@ def tokenizer_fingerprint(seq2seq_workdir: str) -> str:
     """sha256 over a seq2seq run's tokenizer files: two runs with equal fingerprints turn text into the same ids."""
     digest = hashlib.sha256()
     for name in TOKENIZER_FILES:
-        path = os.path.join(seq2seq_workdir, name)
-        if os.path.isfile(path):
-            with open(path, "rb") as f:
-                digest.update(name.encode() + f.read())
+        path = storage.join(seq2seq_workdir, name)
+        if storage.isfile(path):
+            digest.update(name.encode() + storage.read_bytes(path))
     return digest.hexdigest()
 
 
@@ -206,7 +205,7 @@ def load_seq2seq(workdir: str, mesh: Mesh | None = None, *, step: int | None = N
         config.extensions = tuple(m.__name__ for m in extensions.load(config) if not hasattr(m, "model_class"))
         graphdef, _, rng_state, shardings = _abstract_seq2seq(config.model, mesh, config.sharding_rules)
         params = jax.device_put(params, shardings)
-    return LoadedSeq2Seq(workdir=os.path.abspath(workdir), config=config, tokenizer=load_tokenizer(workdir),
+    return LoadedSeq2Seq(workdir=storage.abspath(workdir), config=config, tokenizer=load_tokenizer(workdir),
                          graphdef=graphdef, rng_state=rng_state, params=params, shardings=shardings, mesh=mesh,
                          step=step)
 
@@ -238,7 +237,7 @@ def load_vqgan(workdir: str, mesh: Mesh | None = None, *, step: int | None = Non
     abstract_model = nnx.eval_shape(lambda: VQGAN(config.model, rngs=nnx.Rngs(0)))
     graphdef, abstract = nnx.split(abstract_model, nnx.Param)
     params = _restore_replicated(workdir, step, abstract.to_pure_dict(), mesh)
-    return LoadedVQGAN(workdir=os.path.abspath(workdir), config=config, graphdef=graphdef, params=params,
+    return LoadedVQGAN(workdir=storage.abspath(workdir), config=config, graphdef=graphdef, params=params,
                        step=step, fingerprint=vqgan_fingerprint(config.model, step, params),
                        grid_size=int(abstract_model.grid_size), codebook_size=int(abstract_model.codebook_size))
 
@@ -287,7 +286,7 @@ def load_reranker(workdir: str, mesh: Mesh | None = None, *, step: int | None = 
     abstract_model = nnx.eval_shape(lambda: Captioner(config.model, rngs=nnx.Rngs(config.seed)))
     graphdef, abstract, rng_state = nnx.split(abstract_model, nnx.Param, ...)
     params = _restore_replicated(workdir, step, abstract.to_pure_dict(), mesh)
-    return LoadedReranker(workdir=os.path.abspath(workdir), config=config, graphdef=graphdef,
+    return LoadedReranker(workdir=storage.abspath(workdir), config=config, graphdef=graphdef,
                           rng_state=rng_state.to_pure_dict(), params=params, step=step)
 
 
@@ -300,41 +299,41 @@ def register_reranker(seq2seq_workdir: str, reranker_workdir: str, step: int) ->
 
     The path is kept relative to the seq2seq run, so the two survive moving the directory that holds both (as
     `make demo`'s ROOT/dalle and ROOT/reranker); the absolute path is the fallback for a seq2seq run moved alone."""
-    path = os.path.join(seq2seq_workdir, RERANKER_FILE)
+    path = storage.join(seq2seq_workdir, RERANKER_FILE)
     if jax.process_index() != 0:
         return path
-    absolute = os.path.abspath(reranker_workdir)
-    entry = dict(workdir=os.path.relpath(absolute, os.path.abspath(seq2seq_workdir)), absolute_workdir=absolute,
-                 step=int(step), registered=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(entry, f, indent=2)
-        f.write("\n")
-    os.replace(temporary, path)
+    absolute = storage.abspath(reranker_workdir)
+    # A URL has no path relative to another place; a bucket's runs keep the reranker's URL.
+    relative = absolute if storage.is_remote(absolute) or storage.is_remote(seq2seq_workdir) else \
+        os.path.relpath(absolute, os.path.abspath(seq2seq_workdir))
+    entry = dict(workdir=relative, absolute_workdir=absolute, step=int(step),
+                 registered=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    storage.write_atomic(path, json.dumps(entry, indent=2) + "\n")
     return path
 
 
 def registered_reranker(seq2seq_workdir: str) -> str | None:
     """The work directory of the reranker registered for the seq2seq run in `seq2seq_workdir`, None when none is.
     Fails, naming the file and how to stop using it, when the registered directory no longer exists."""
-    path = os.path.join(seq2seq_workdir, RERANKER_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(seq2seq_workdir, RERANKER_FILE)
+    if not storage.isfile(path):
         return None
     stop = (f'Sample without a reranker with --reranker_workdir="" (reranker_workdir="" in Python), name another '
             f"with --reranker_workdir=DIR, or delete {path} to stop using one by default.")
     try:
-        with open(path) as f:
+        with storage.open(path) as f:
             entry = json.load(f)
-        places = [os.path.normpath(os.path.join(seq2seq_workdir, entry["workdir"]))]
+        places = [entry["workdir"] if storage.is_remote(entry["workdir"]) else
+                  os.path.normpath(os.path.join(seq2seq_workdir, entry["workdir"]))]
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{path} does not register a reranker ({type(e).__name__}: {e}); training a reranker "
                          f"for this run writes it again. {stop}") from e
     if entry.get("absolute_workdir"):
         places.append(entry["absolute_workdir"])
     for place in places:
-        if os.path.isdir(place):
+        if storage.isdir(place):
             return place
-    also = f" (nor does {places[1]!r})" if os.path.abspath(places[-1]) != os.path.abspath(places[0]) else ""
+    also = f" (nor does {places[1]!r})" if storage.abspath(places[-1]) != storage.abspath(places[0]) else ""
     raise FileNotFoundError(f"{path} registers the reranker {places[0]!r} for this run, but it no longer "
                             f"exists{also}. Train one again with `dalle-jax-train --config shapes_captioner --workdir "
                             f"DIR --config.seq2seq_workdir={seq2seq_workdir}` (it registers itself when it "

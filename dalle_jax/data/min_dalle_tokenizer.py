@@ -9,11 +9,11 @@ merged pair by pair (the lowest-ranked adjacent pair first, its leftmost occurre
 from __future__ import annotations
 
 import json
-import os
 from typing import Sequence
 
 import numpy as np
 
+from dalle_jax import storage
 from dalle_jax.data import text as text_lib
 
 VOCAB_FILE, MERGES_FILE = "vocab.json", "merges.txt"
@@ -22,7 +22,7 @@ SPECIALS = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>"}
 
 
 def has_files(directory: str) -> bool:
-    return all(os.path.isfile(os.path.join(directory, f)) for f in (VOCAB_FILE, MERGES_FILE))
+    return all(storage.isfile(storage.join(directory, f)) for f in (VOCAB_FILE, MERGES_FILE))
 
 
 def _demojize(text: str) -> str:
@@ -52,9 +52,9 @@ class MinDalleTokenizer:
             raise FileNotFoundError(f"{directory!r} lacks {VOCAB_FILE} and/or {MERGES_FILE}, the BPE tokenizer files "
                                     "of a min-dalle model directory.")
         self.directory = directory
-        with open(os.path.join(directory, VOCAB_FILE), encoding="utf8") as f:
+        with storage.open(storage.join(directory, VOCAB_FILE), encoding="utf8") as f:
             self._ids = json.load(f)
-        with open(os.path.join(directory, MERGES_FILE), encoding="utf8") as f:
+        with storage.open(storage.join(directory, MERGES_FILE), encoding="utf8") as f:
             lines = f.read().split("\n")
         pairs = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
         self._rank = {pair: rank for rank, pair in enumerate(pairs)}  # a repeated pair keeps its last rank

@@ -2,6 +2,10 @@
 
 `data.dataset` is `captioned_shapes` (built in), `captioned_folder` (a user's folder of images + captions.jsonl) or
 the name of any TFDS dataset prepared in ArrayRecord format with an image and a text feature.
+
+A `data_dir` in a bucket (gs://, s3://) holds the prepared dataset there: TFDS and ArrayRecord read local files, so
+process 0 prepares a missing dataset on its local scratch and uploads it, and every process stages the dataset's
+files from the bucket onto its own scratch (logged) before reading; no disk is shared between hosts.
 """
 from __future__ import annotations
 
@@ -11,13 +15,20 @@ import os
 import jax
 import tensorflow_datasets as tfds
 
+from dalle_jax import storage
 from dalle_jax.data import captioned_folder, captioned_shapes
 
 SHAPES_SIZES = (32, 64, 128, 256)
+INFO_FILE = "dataset_info.json"  # TFDS's record of a prepared dataset
 
 
 def _data_dir(data_cfg) -> str | None:
-    return os.path.expanduser(data_cfg.data_dir) if data_cfg.data_dir else None
+    """The local data_dir TFDS reads: the configured one, or this host's scratch copy of a bucket's."""
+    if not data_cfg.data_dir:
+        return None
+    if storage.is_remote(data_cfg.data_dir):
+        return storage.staging_dir(data_cfg.data_dir)
+    return os.path.expanduser(data_cfg.data_dir)
 
 
 def _shapes_builder(data_cfg) -> tfds.core.DatasetBuilder:
@@ -53,6 +64,8 @@ def builder_for(data_cfg) -> tfds.core.DatasetBuilder:
 
 def prepare(data_cfg) -> tfds.core.DatasetBuilder:
     """Prepares the dataset on first use (process 0 writes; the others wait and read)."""
+    if data_cfg.data_dir and storage.is_remote(data_cfg.data_dir):
+        return _prepare_in_bucket(data_cfg)
     builder = builder_for(data_cfg)
     if data_cfg.dataset not in ("captioned_shapes", "captioned_folder"):
         if not builder.is_prepared():
@@ -68,6 +81,27 @@ def prepare(data_cfg) -> tfds.core.DatasetBuilder:
         if jax.process_index() != 0:
             builder = builder_for(data_cfg)  # TFDS reads the dataset's info when a builder is made.
     return builder
+
+
+def _prepare_in_bucket(data_cfg) -> tfds.core.DatasetBuilder:
+    builder = builder_for(data_cfg)
+    relative = os.path.relpath(builder.data_dir, _data_dir(data_cfg))
+    remote = storage.join(data_cfg.data_dir, *relative.split(os.sep))
+    complete = storage.join(remote, INFO_FILE)  # uploaded last: the upload is complete once it exists
+    if jax.process_index() == 0 and not storage.exists(complete):
+        if data_cfg.dataset not in ("captioned_shapes", "captioned_folder"):
+            raise ValueError(f"TFDS dataset {data_cfg.dataset!r} is not prepared in {storage.shown(remote)}. Prepare "
+                             "it with `tfds build --file_format=array_record` and copy its directory there.")
+        if not builder.is_prepared():
+            logging.info("Preparing %s on local scratch in %s", builder.info.full_name, builder.data_dir)
+            builder.download_and_prepare(file_format="array_record")
+        sent = storage.upload_tree_last(builder.data_dir, remote, INFO_FILE)
+        logging.info("Uploaded %s to %s (%d bytes)", builder.info.full_name, storage.shown(remote), sent)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(f"uploaded {builder.info.full_name}")
+    storage.stage_tree(remote, builder.data_dir, f"dataset {builder.info.full_name}")
+    return builder_for(data_cfg)  # TFDS reads the dataset's info when a builder is made
 
 
 def open_split(builder: tfds.core.DatasetBuilder, split: str, data_cfg):

@@ -16,7 +16,6 @@ manifest says the dataset is complete.
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Mapping, Sequence, SupportsIndex
 
@@ -24,6 +23,8 @@ import grain
 import msgpack
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
+
+from dalle_jax import storage
 
 FORMAT = "dalle_jax.token_records"
 VERSION = 1
@@ -119,7 +120,7 @@ class ShardWriter:
 
 def count_records(path: str) -> int:
     """Records in one shard file (read from its index, not by decoding records)."""
-    reader = ArrayRecordReader(path)
+    reader = ArrayRecordReader(storage.local_copy(path, "image-token shard"))
     try:
         return reader.num_records()
     finally:
@@ -132,20 +133,16 @@ def write_manifest(encoded_dir: str, manifest: Mapping) -> None:
     for field in ("complete", "splits"):
         if field not in record:
             raise ValueError(f"A {FORMAT} manifest needs the field {field!r}; got fields {sorted(record)}.")
-    path = os.path.join(encoded_dir, MANIFEST)
-    with open(path + ".tmp", "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    storage.write_atomic(storage.join(encoded_dir, MANIFEST), json.dumps(record, indent=2, sort_keys=True) + "\n")
 
 
 def read_manifest(encoded_dir: str) -> dict:
-    path = os.path.join(encoded_dir, MANIFEST)
-    if not os.path.exists(path):
+    path = storage.join(encoded_dir, MANIFEST)
+    if not storage.exists(path):
         raise FileNotFoundError(f"{path} does not exist: {encoded_dir!r} is not an image-token dataset. The "
                                 "seq2seq stage's encode step writes one there.")
     try:
-        with open(path) as f:
+        with storage.open(path) as f:
             manifest = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); delete {encoded_dir!r} and encode again.") from e
@@ -187,12 +184,14 @@ def open_split(encoded_dir: str, split: str) -> TokenSource:
     if split not in splits:
         raise ValueError(f"The image-token dataset in {encoded_dir!r} has no split {split!r}; it has "
                          f"{sorted(splits)}.")
-    paths = [os.path.join(encoded_dir, name) for name in splits[split]["shards"]]
-    missing = [p for p in paths if not os.path.exists(p)]
+    paths = [storage.join(encoded_dir, name) for name in splits[split]["shards"]]
+    missing = [p for p in paths if not storage.exists(p)]
     if missing or not paths:
         raise FileNotFoundError(f"Split {split!r} of {encoded_dir!r} lists shards that are missing: "
                                 f"{missing or 'none listed'}. Delete the directory and encode again.")
-    source = TokenSource(encoded_dir, split, paths)
+    # ArrayRecord reads local files only. Training shuffles over the whole split, so every process's share of a
+    # split is drawn from all of its shards: each stages the split's shards (once) on its own scratch.
+    source = TokenSource(encoded_dir, split, [storage.local_copy(p, f"{split} image-token shard") for p in paths])
     if len(source) != splits[split]["examples"]:
         raise ValueError(f"Split {split!r} of {encoded_dir!r} holds {len(source)} records but its manifest "
                          f"says {splits[split]['examples']}. Delete the directory and encode again.")

@@ -20,7 +20,7 @@ import os
 from absl import app, flags, logging
 from PIL import Image
 
-from dalle_jax import command_line
+from dalle_jax import command_line, storage
 from dalle_jax.inference import compile_cache
 from dalle_jax.inference.text_to_image import DEFAULT_BATCH_SIZE, TextToImage
 from dalle_jax.inference.sampling import SamplingSettings
@@ -77,7 +77,7 @@ def check_flags(fv: flags.FlagValues) -> dict:
     for name in ("num_images", "batch_size"):
         if fv[name].value < 1:
             raise app.UsageError(f"--{name}={fv[name].value} must be at least 1.")
-    if fv.reranker_workdir and not os.path.isdir(fv.reranker_workdir):
+    if fv.reranker_workdir and not storage.isdir(fv.reranker_workdir):
         raise app.UsageError(f"--reranker_workdir={fv.reranker_workdir!r} does not exist; train a caption model "
                              "with the shapes_captioner recipe, leave the flag out for the run's registered one, or "
                              "pass --reranker_workdir=\"\" for none.")
@@ -103,8 +103,9 @@ def run(fv: flags.FlagValues):
     logging.info("Picker: %s.", pipe.describe_picker(pipe.sampling_settings(**settings)))
     samples = pipe(prompts, fv.num_images, seed=fv.seed, progress=True, **settings)
     if fv.out is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(fv.out)), exist_ok=True)
-        Image.fromarray(samples.grid()).save(fv.out)
+        storage.makedirs(storage.dirname(storage.abspath(fv.out)))
+        with storage.open(fv.out, "wb") as f:
+            Image.fromarray(samples.grid()).save(f, format="PNG")
         logging.info("Wrote the grid of %d x %d images to %s", len(prompts), fv.num_images, fv.out)
     if fv.out_dir is not None:
         write_images(samples, fv.out_dir, workdir=pipe.seq2seq.workdir, step=pipe.seq2seq.step)
@@ -114,13 +115,15 @@ def run(fv: flags.FlagValues):
 
 def write_images(samples, out_dir: str, **context) -> None:
     """One PNG per image and `samples.jsonl`; `context` (e.g. the work directory and step) goes in every record."""
-    os.makedirs(out_dir, exist_ok=True)
+    storage.makedirs(out_dir)
     images = samples.images.reshape(-1, *samples.images.shape[2:])
-    with open(os.path.join(out_dir, SAMPLES_FILE), "w") as f:
-        for image, record in zip(images, samples.records()):
-            name = f"{record['index']:05d}.png"
-            Image.fromarray(image).save(os.path.join(out_dir, name))
-            f.write(json.dumps(dict(record, file=name, **context)) + "\n")
+    lines = []
+    for image, record in zip(images, samples.records()):
+        name = f"{record['index']:05d}.png"
+        with storage.open(storage.join(out_dir, name), "wb") as f:
+            Image.fromarray(image).save(f, format="PNG")
+        lines.append(json.dumps(dict(record, file=name, **context)) + "\n")
+    storage.write_atomic(storage.join(out_dir, SAMPLES_FILE), "".join(lines))
 
 
 def main(argv):

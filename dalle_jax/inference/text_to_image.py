@@ -21,7 +21,6 @@ import dataclasses
 import functools
 import logging
 import numbers
-import os
 import warnings
 from typing import Sequence
 
@@ -33,7 +32,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from dalle_jax.data import image_grid
-from dalle_jax import parallel
+from dalle_jax import parallel, storage
 from dalle_jax.inference import sampling
 from dalle_jax import runs
 from dalle_jax.data import token_records
@@ -143,7 +142,7 @@ class TextToImage:
             except (ValueError, FileNotFoundError) as e:
                 if given is not None:
                     raise
-                raise type(e)(f"{e} (It is the reranker registered in {os.path.join(workdir, runs.RERANKER_FILE)}; "
+                raise type(e)(f"{e} (It is the reranker registered in {storage.join(workdir, runs.RERANKER_FILE)}; "
                               'reranker_workdir="" (--reranker_workdir="") samples without it.)') from e
         mesh = mesh if mesh is not None else runs.default_mesh()
         seq2seq = runs.load_seq2seq(workdir, mesh, step=step)
@@ -361,8 +360,8 @@ def _check_reranker(config, reranker_workdir: str, seq2seq_config, seq2seq_workd
 def _warn_if_trained_on_another_vqgan(seq2seq: runs.LoadedSeq2Seq, vqgan: runs.LoadedVQGAN) -> None:
     """The run's image-token dataset records the VQGAN that made its codes (a work directory copied without its
     `encoded/` directory has no record to check against)."""
-    encoded = os.path.join(seq2seq.workdir, token_records.ENCODED_DIR)
-    if not os.path.exists(os.path.join(encoded, token_records.MANIFEST)):
+    encoded = storage.join(seq2seq.workdir, token_records.ENCODED_DIR)
+    if not storage.exists(storage.join(encoded, token_records.MANIFEST)):
         return
     made_by = token_records.read_manifest(encoded).get("vqgan", {})
     if made_by.get("fingerprint") != vqgan.fingerprint:

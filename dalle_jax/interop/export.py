@@ -12,18 +12,29 @@ import json
 import os
 import sys
 
-from dalle_jax import runs
+from dalle_jax import runs, storage
 
 FORMATS = {"safetensors": ("seq2seq", "vqgan"), "min-dalle": ("seq2seq",), "taming": ("vqgan",),
            "diffusers": ("vqgan",)}
 
 
 def _tokenizer_files(workdir: str) -> list[str]:
-    return [os.path.join(workdir, f) for f in runs.TOKENIZER_FILES if os.path.isfile(os.path.join(workdir, f))]
+    return [storage.local_copy(storage.join(workdir, f), "tokenizer file") for f in runs.TOKENIZER_FILES
+            if storage.isfile(storage.join(workdir, f))]
 
 
 def export(workdir: str, fmt: str, out: str, *, dtype: str = "float32", step: int | None = None) -> list[str]:
-    """Writes `workdir`'s weights to `out` in `fmt`; returns notes on what could not be written."""
+    """Writes `workdir`'s weights to `out` in `fmt`; returns notes on what could not be written. An `out` in a
+    bucket is written on local scratch first (the weight writers write local files), then uploaded."""
+    if storage.is_remote(out):
+        local = storage.staging_dir(out)
+        storage.rmtree(local)
+        notes = export(workdir, fmt, local, dtype=dtype, step=step)
+        if os.path.isdir(local):
+            storage.upload_tree_last(local, out, last=sorted(os.listdir(local))[0])
+        else:
+            storage.copyfile(local, out)
+        return notes
     from dalle_jax.interop import workdirs
     if fmt not in FORMATS:
         raise ValueError(f"--format={fmt!r} is unknown; use one of {sorted(FORMATS)}.")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from dalle_jax import storage
+
 FORMATS = ("min-dalle", "taming", "safetensors")
 
 
@@ -103,6 +105,18 @@ def _abstract(make):
     return nnx.state(nnx.eval_shape(make), nnx.Param).to_pure_dict()
 
 
+def _staged(src: str) -> str:
+    """A local copy of `src`: a folder's files (and, for min-dalle, the vqgan/ folder beside it) or one file."""
+    if storage.isfile(src):
+        return storage.local_copy(src, "weights file")
+    local = os.path.join(storage.staging_dir(src), storage.basename(src))
+    storage.stage_tree(src, local, "weights to import")
+    beside = storage.join(storage.dirname(src), "vqgan")
+    if storage.isdir(beside):
+        storage.stage_tree(beside, os.path.join(os.path.dirname(local), "vqgan"), "min-dalle detokenizer folder")
+    return local
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--format", required=True, choices=FORMATS)
@@ -116,6 +130,10 @@ def main(argv=None) -> None:
                         help="safetensors seq2seq (required) or min-dalle (instead of its detokenizer): the work "
                              "directory of the VQGAN whose codes the model predicts.")
     args = parser.parse_args(argv)
+    if storage.is_remote(args.src):  # the weight readers read local files: stage the source on local scratch
+        args.src = _staged(args.src)
+    if args.detoker and storage.is_remote(args.detoker):
+        args.detoker = storage.local_copy(args.detoker, "min-dalle detokenizer")
     if args.format == "min-dalle":
         import_min_dalle(args.src, args.workdir, detoker=args.detoker, heads=args.heads,
                          vqgan_workdir=args.vqgan_workdir)

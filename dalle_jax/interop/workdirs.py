@@ -7,8 +7,6 @@ names its VQGAN's work directory.
 """
 from __future__ import annotations
 
-import os
-import shutil
 
 import jax
 import ml_collections
@@ -16,7 +14,7 @@ import numpy as np
 
 from dalle_jax.configs import seq2seq_common, vqgan_common
 from dalle_jax.training import checkpointing
-from dalle_jax import runs
+from dalle_jax import runs, storage
 
 IMPORTED_STEP = 0
 
@@ -35,7 +33,7 @@ def read_workdir(workdir: str, *, step: int | None = None) -> tuple[str, ml_coll
 
 
 def _fresh(workdir: str) -> None:
-    if os.path.exists(os.path.join(workdir, "config.json")) or checkpointing.checkpoint_steps(workdir):
+    if storage.exists(storage.join(workdir, "config.json")) or checkpointing.checkpoint_steps(workdir):
         raise FileExistsError(f"{workdir!r} already holds a run; import into a new --workdir.")
 
 
@@ -50,11 +48,11 @@ def write_seq2seq(workdir: str, model_fields: dict, params, *, vqgan_workdir: st
     config = seq2seq_common.base_config()
     config.text.vocab_size = int(model_fields["text_vocab_size"])
     config.model.update({k: v for k, v in model_fields.items() if k != "text_vocab_size"})
-    config.vqgan_workdir = os.path.abspath(vqgan_workdir)
+    config.vqgan_workdir = storage.abspath(vqgan_workdir)
     config.imported_from = imported_from
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     for path in tokenizer_files:
-        shutil.copyfile(path, os.path.join(workdir, os.path.basename(path)))
+        storage.copyfile(path, storage.join(workdir, storage.basename(path)))
     runs.save_config(config, workdir)
     checkpointing.save_params(workdir, IMPORTED_STEP, _cast(params, config.model.param_dtype))
     return config

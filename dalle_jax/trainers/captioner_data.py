@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from dalle_jax.data import text as text_lib, token_records
-from dalle_jax import runs
+from dalle_jax import runs, storage
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +48,7 @@ def load_split(encoded_dir: str, split: str, decode, tokenizer, text_length: int
                batch_size: int = 1000, progress: bool = True, contrast_captions=None) -> CaptionedPictures:
     """The first `max_examples` (default: all) records of `split`, decoded `batch_size` at a time (`decode` None:
     their codes, undecoded); `contrast_captions(record)` (None: no record has any) gives each one's twins."""
-    if not os.path.exists(os.path.join(encoded_dir, token_records.MANIFEST)):
+    if not storage.exists(storage.join(encoded_dir, token_records.MANIFEST)):
         raise FileNotFoundError(
             f"{encoded_dir} holds no encoded records: the caption model learns from a seq2seq run trained by this "
             "project (its encoded/ directory), not from an imported one. Pass such a run as "

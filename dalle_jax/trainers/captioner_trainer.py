@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 
 import jax
 import ml_collections
 import numpy as np
 
-from dalle_jax import extensions, parallel, runs
+from dalle_jax import extensions, parallel, runs, storage
 from dalle_jax.data import token_records
 from dalle_jax.models import captioner as captioner_lib
 from dalle_jax.trainers import captioner_data, captioner_step, run_ends
@@ -46,7 +45,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     runs.save_config(config, workdir)
 
     # 2. Pictures (or codes) and captions, decoded and tokenized once.
-    encoded_dir = os.path.join(config.seq2seq_workdir, token_records.ENCODED_DIR)
+    encoded_dir = storage.join(config.seq2seq_workdir, token_records.ENCODED_DIR)
     reads_codes = captioner_lib.reads(config.model) == "code_features"
     decode = None if reads_codes else captioner_data.decode_fn(vqgan)
     length = config.model.text_length

@@ -28,7 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from dalle_jax import parallel
+from dalle_jax import parallel, storage
 from dalle_jax.data import pipeline, shapes_scene, sources, token_records
 from dalle_jax.runs import LoadedVQGAN
 from dalle_jax.training import gan_losses
@@ -120,7 +120,7 @@ def encode_dataset(data_cfg, vqgan: LoadedVQGAN, encoded_dir: str, mesh: Mesh, *
                 for index, ((start, stop), due) in enumerate(zip(plan[split], todo[split])):
                     if not due:
                         continue
-                    path = os.path.join(encoded_dir, token_records.shard_filename(split, index))
+                    path = storage.join(encoded_dir, token_records.shard_filename(split, index))
                     batches = _read_batches(source, start, stop, batch_size, resolution, local_rows, transform,
                                             record_fields, pool)
                     _encode_shard(path, batches, encode, bar)
@@ -218,7 +218,7 @@ def _decide(encoded_dir: str, manifest: dict, plan: dict) -> tuple[str, dict[str
 
 def _prepare_directory(encoded_dir: str, manifest: dict) -> tuple[str, set]:
     """Returns (status, {(split, shard index) already complete}), leaving the directory ready to write into."""
-    os.makedirs(encoded_dir, exist_ok=True)
+    storage.makedirs(encoded_dir)
     try:
         old = token_records.read_manifest(encoded_dir)
         reason = _mismatch(old, manifest)
@@ -264,9 +264,9 @@ def _complete_shards(encoded_dir: str, manifest: dict) -> set:
     done = set()
     for split, entry in manifest["splits"].items():
         for i, name in enumerate(entry["shards"]):
-            path = os.path.join(encoded_dir, name)
+            path = storage.join(encoded_dir, name)
             expected = min(size, entry["examples"] - i * size)
-            if os.path.exists(path) and token_records.count_records(path) == expected:
+            if storage.exists(path) and token_records.count_records(path) == expected:
                 done.add((split, i))
     return done
 
@@ -274,9 +274,9 @@ def _complete_shards(encoded_dir: str, manifest: dict) -> set:
 def _remove(encoded_dir: str, keep: set) -> None:
     """Removes this format's files (shards, unfinished shards, manifest) except `keep`; nothing else is touched."""
     ours = {token_records.MANIFEST, token_records.MANIFEST + ".tmp"}
-    for name in os.listdir(encoded_dir):
+    for name in storage.listdir(encoded_dir):
         if (token_records.is_shard_filename(name) or name in ours) and name not in keep:
-            os.remove(os.path.join(encoded_dir, name))
+            storage.remove(storage.join(encoded_dir, name))
 
 
 def _chunk_rows(batch_size: int, ways: int) -> int:
@@ -356,7 +356,12 @@ def _encode_shard(path: str, batches, encode, bar) -> None:
 
     A batch's records are written while the device encodes the next batch (dispatch does not wait for results).
     """
-    writer = token_records.ShardWriter(path + ".tmp") if jax.process_index() == 0 else None
+    # ArrayRecord writes local files: a bucket's shard is written on local scratch and uploaded once complete.
+    local = os.path.join(storage.staging_dir(storage.dirname(path)), storage.basename(path)) \
+        if storage.is_remote(path) else path
+    if storage.is_remote(path) and jax.process_index() == 0:
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+    writer = token_records.ShardWriter(local + ".tmp") if jax.process_index() == 0 else None
 
     def finish(count: int, chunks: list, fields: list) -> None:
         codes = np.concatenate(jax.device_get(chunks))[:count]
@@ -378,7 +383,9 @@ def _encode_shard(path: str, batches, encode, bar) -> None:
         if writer is not None:
             writer.close()
     if writer is not None:
-        os.replace(path + ".tmp", path)
+        os.replace(local + ".tmp", local)
+        if local != path:
+            storage.copyfile(local, path)
 
 
 def _sync(name: str) -> None:

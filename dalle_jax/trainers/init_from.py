@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 
 from dalle_jax.training import checkpointing
-from dalle_jax import runs
+from dalle_jax import runs, storage
 
 # Model fields a fine-tuning run may change: they alter computation or memory, not the parameters' shapes.
 FREE_MODEL_FIELDS = {"seq2seq": ("dtype", "param_dtype", "remat", "dropout"), "vqgan": ("dtype", "dropout")}
@@ -37,7 +35,7 @@ class Start:
 def find_start(config: ml_collections.ConfigDict, workdir: str) -> Start | None:
     """The source of the run's first parameters, checked against `config`; None when the run resumes from its own
     training checkpoint or starts from random parameters. Call it before the run's config.json is written."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    directory = storage.join(storage.abspath(workdir), "checkpoints")
     steps = checkpointing.checkpoint_steps(workdir)
     trained = checkpointing.training_steps(directory, steps)
     imported = [s for s in steps if s not in trained]
@@ -50,19 +48,19 @@ def find_start(config: ml_collections.ConfigDict, workdir: str) -> Start | None:
                          "imported weights, or use a new --workdir.")
     if imported:
         check_matches(config, runs.load_config(workdir), workdir)
-        return Start(os.path.abspath(workdir), imported[-1], imported[-1])
+        return Start(storage.abspath(workdir), imported[-1], imported[-1])
     if not source:
         return None
-    if os.path.abspath(source) == os.path.abspath(workdir):
+    if storage.abspath(source) == storage.abspath(workdir):
         raise ValueError(f"config.init_from={source!r} is the run's own --workdir; name another work directory.")
-    source_steps = checkpointing.checkpoint_steps(source) if os.path.isdir(source) else []
+    source_steps = checkpointing.checkpoint_steps(source) if storage.isdir(source) else []
     if not source_steps:
         raise FileNotFoundError(f"config.init_from={source!r} has no checkpoint in "
-                                f"{os.path.join(source, 'checkpoints')}; name a trained or imported work directory.")
+                                f"{storage.join(source, 'checkpoints')}; name a trained or imported work directory.")
     check_matches(config, runs.load_config(source), source)
     if config.trainer == "seq2seq":
         _copy_tokenizer(source, workdir)
-    return Start(os.path.abspath(source), source_steps[-1], 0)
+    return Start(storage.abspath(source), source_steps[-1], 0)
 
 
 def check_matches(config: ml_collections.ConfigDict, source_config: ml_collections.ConfigDict, source: str) -> None:
@@ -102,14 +100,14 @@ def load_params(start: Start, state: dict, shardings: dict) -> tuple[dict, int]:
 
 def _copy_tokenizer(source: str, workdir: str) -> None:
     """The source's tokenizer files, into a work directory that has none yet (process 0 writes)."""
-    present = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(workdir, f))]
+    present = [f for f in TOKENIZER_FILES if storage.isfile(storage.join(workdir, f))]
     if present or jax.process_index() != 0:
         return
-    os.makedirs(workdir, exist_ok=True)
+    storage.makedirs(workdir)
     for name in TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(source, name)):
-            shutil.copyfile(os.path.join(source, name), os.path.join(workdir, name + ".tmp"))
-            os.replace(os.path.join(workdir, name + ".tmp"), os.path.join(workdir, name))
+        if storage.isfile(storage.join(source, name)):
+            storage.copyfile(storage.join(source, name), storage.join(workdir, name + ".tmp"))
+            storage.replace(storage.join(workdir, name + ".tmp"), storage.join(workdir, name))
 
 
 def _mismatch(name: str, mine, theirs, where: str) -> list[str]:

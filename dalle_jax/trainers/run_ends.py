@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any, Callable
 
 import jax
 
+from dalle_jax import storage
 from dalle_jax.trainers import init_from
 from dalle_jax.training import checkpointing, loop, metrics as metrics_lib
 
@@ -59,6 +59,6 @@ def end(config, workdir: str, writer: metrics_lib.MetricsWriter, last_trained: i
     writer.write_scalars(config.num_steps, {f"test/{k}": v for k, v in figures.items()})
     writer.close()
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, TEST_METRICS_FILE), "w") as f:
+        with storage.open(storage.join(workdir, TEST_METRICS_FILE), "w") as f:
             json.dump({"step": config.num_steps, "split": split, **figures}, f, indent=2)
     return figures

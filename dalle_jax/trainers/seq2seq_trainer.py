@@ -8,14 +8,13 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 import types
 
 import jax
 import ml_collections
 import numpy as np
 
-from dalle_jax import extensions, parallel, runs
+from dalle_jax import extensions, parallel, runs, storage
 from dalle_jax.data import pipeline, sources, split_checks, token_records
 from dalle_jax.models import dalle_bart
 from dalle_jax.trainers import (encode_stage, init_from, run_ends, seq2seq_samples, seq2seq_step, text_stage,
@@ -51,7 +50,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_after: int | 
     runs.save_config(config, workdir)
 
     # 2. The image-token dataset (encoded once by this VQGAN) and the text tokenizer (trained once).
-    encoded_dir = os.path.join(workdir, token_records.ENCODED_DIR)
+    encoded_dir = storage.join(workdir, token_records.ENCODED_DIR)
     encode_stage.encode_dataset(config.data, vqgan, encoded_dir, mesh, batch_size=config.data.encode_batch_size)
     train_source = token_records.open_split(encoded_dir, "train")
     tokenizer = text_stage.prepare_tokenizer(config, workdir, _all_captions(train_source))
@@ -143,7 +142,7 @@ def _train_caption(config):
 def _describe_vqgan(vqgan_workdir: str):
     """The codebook and grid of the VQGAN in `vqgan_workdir`, read from its config alone; None when the directory
     holds no VQGAN config (loading it then says what is wrong)."""
-    if not os.path.isfile(os.path.join(vqgan_workdir, "config.json")):
+    if not storage.isfile(storage.join(vqgan_workdir, "config.json")):
         return None
     vqgan_config = runs.load_config(vqgan_workdir)
     if vqgan_config.get("trainer") != "vqgan":
@@ -151,7 +150,7 @@ def _describe_vqgan(vqgan_workdir: str):
     from flax import nnx
     from dalle_jax.models.vqgan import VQGAN
     model = nnx.eval_shape(lambda: VQGAN(vqgan_config.model, rngs=nnx.Rngs(0)))
-    return types.SimpleNamespace(workdir=os.path.abspath(vqgan_workdir), codebook_size=int(model.codebook_size),
+    return types.SimpleNamespace(workdir=storage.abspath(vqgan_workdir), codebook_size=int(model.codebook_size),
                                  grid_size=int(model.grid_size))
 
 

@@ -13,7 +13,7 @@ import os
 
 import ml_collections
 
-from dalle_jax import runs
+from dalle_jax import runs, storage
 
 _SOURCE_FIELDS = ("dataset", "folder", "data_dir", "shapes_split_sizes")  # taken where the seq2seq config is empty
 _FEATURE_DEFAULTS = dict(image_key="image", text_key="caption")  # taken where the seq2seq config keeps these
@@ -40,13 +40,13 @@ def resolve(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     if not data.image_size:
         data.image_size = int(vqgan.data.image_size)
     logging.info("Data: %s, the dataset of the VQGAN run in %s (config.data.dataset was empty).", _describe(data),
-                 os.path.abspath(config.vqgan_workdir))
+                 storage.abspath(config.vqgan_workdir))
     return config
 
 
 def _warn_on_mismatch(data, vqgan_workdir: str) -> None:
-    path = os.path.join(vqgan_workdir, runs.CONFIG_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(vqgan_workdir, runs.CONFIG_FILE)
+    if not storage.isfile(path):
         return  # loading the VQGAN says what is wrong
     vqgan = runs.load_config(vqgan_workdir)
     if vqgan.get("trainer") != "vqgan" or vqgan.get("imported_from") or "data" not in vqgan:
@@ -54,12 +54,12 @@ def _warn_on_mismatch(data, vqgan_workdir: str) -> None:
     if (data.dataset, _folder(data)) != (vqgan.data.dataset, _folder(vqgan.data)):
         logging.warning("This run reads %s, but its VQGAN (%s) was trained on %s; its codes may describe these "
                         "images poorly. Leave config.data.dataset empty to read the VQGAN's dataset.",
-                        _describe(data), os.path.abspath(vqgan_workdir), _describe(vqgan.data))
+                        _describe(data), storage.abspath(vqgan_workdir), _describe(vqgan.data))
 
 
 def _folder(data) -> str:
     folder = data.get("folder") or ""
-    return os.path.abspath(os.path.expanduser(folder)) if folder and data.dataset == "captioned_folder" else ""
+    return storage.abspath(os.path.expanduser(folder)) if folder and data.dataset == "captioned_folder" else ""
 
 
 def _describe(data) -> str:

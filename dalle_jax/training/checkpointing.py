@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from dalle_jax import storage
 
 
 def abstract_like(tree, shardings):
@@ -38,7 +38,7 @@ def _write_small_arrays_whole() -> None:
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, save_every: int):
         _write_small_arrays_whole()
-        self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+        self.directory = storage.join(storage.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, save_interval_steps=max(save_every, 1), create=True,
             enable_async_checkpointing=True)
@@ -74,11 +74,11 @@ class Checkpointer:
 
     def set_aside(self, step: int) -> str:
         """Moves a damaged checkpoint out of the way (to `workdir/corrupt_checkpoints/STEP`); returns where."""
-        target = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints", str(step))
+        target = storage.join(storage.dirname(self.directory), "corrupt_checkpoints", str(step))
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.move(os.path.join(self.directory, str(step)), target)
+            storage.makedirs(storage.dirname(target))
+            storage.rmtree(target)
+            storage.move_tree(storage.join(self.directory, str(step)), target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
@@ -98,7 +98,7 @@ class CorruptCheckpoint(RuntimeError):
 
     def __init__(self, directory: str, step: int, error: BaseException, fix: str = ""):
         self.directory, self.step = directory, int(step)
-        self.damaged = find_damaged_file(os.path.join(directory, str(step)))
+        self.damaged = find_damaged_file(storage.join(directory, str(step)))
         where = f"{self.damaged[0]} ({self.damaged[1]})" if self.damaged else "one of its files"
         super().__init__(f"Checkpoint step {step} in {directory} is corrupt: {where}. The reader said: "
                          f"{_root_cause(error)}{fix}")
@@ -114,21 +114,20 @@ def _root_cause(error: BaseException) -> str:
 def find_damaged_file(step_dir: str) -> tuple[str, str] | None:
     """The first file of a checkpoint directory that is visibly damaged: a missing item, an empty file, or a
     metadata file that is not valid JSON. None when every file looks whole (the damage is inside array data)."""
-    if not os.path.isdir(step_dir):
+    if not storage.isdir(step_dir):
         return step_dir, "missing directory"
     for item in ("state", "data"):
-        if not os.path.isdir(os.path.join(step_dir, item)):
-            return os.path.join(step_dir, item), "missing item directory"
-    for root, dirs, files in os.walk(step_dir):
+        if not storage.isdir(storage.join(step_dir, item)):
+            return storage.join(step_dir, item), "missing item directory"
+    for root, dirs, files in storage.walk(step_dir):
         dirs.sort()
         for name in sorted(files):
-            path = os.path.join(root, name)
-            if os.path.getsize(path) == 0:
+            path = storage.join(root, name)
+            if storage.getsize(path) == 0:
                 return path, "empty file"
             if name.endswith(".json") or name in ("_METADATA", "_CHECKPOINT_METADATA"):
                 try:
-                    with open(path, "rb") as f:
-                        json.loads(f.read())
+                    json.loads(storage.read_bytes(path))
                 except ValueError as e:
                     return path, f"not valid JSON: {e}"
     return None
@@ -169,8 +168,8 @@ def _read_only_manager(directory: str) -> ocp.CheckpointManager:
 
 def checkpoint_steps(workdir: str) -> list[int]:
     """Steps of the complete checkpoints in `workdir`, oldest first (empty when there are none)."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-    if not os.path.isdir(directory):
+    directory = storage.join(storage.abspath(workdir), "checkpoints")
+    if not storage.isdir(directory):
         return []
     with _read_only_manager(directory) as manager:
         return sorted(manager.all_steps())
@@ -179,8 +178,8 @@ def checkpoint_steps(workdir: str) -> list[int]:
 def is_params_only(directory: str, step: int) -> bool:
     """True for a checkpoint of the `checkpoints` directory `directory` written by `save_params`: no data item,
     and a state holding nothing but "params". A damaged full checkpoint is not params-only (it fails to restore)."""
-    step_dir = os.path.join(directory, str(step))
-    if os.path.isdir(os.path.join(step_dir, "data")):
+    step_dir = storage.join(directory, str(step))
+    if storage.isdir(storage.join(step_dir, "data")):
         return False
     handler = ocp.PyTreeCheckpointHandler()
     try:
@@ -199,7 +198,7 @@ def training_steps(directory: str, steps) -> list[int]:
 def save_params(workdir: str, step: int, params) -> None:
     """Writes a checkpoint holding only `state["params"]` (weights imported from another framework): what
     `restore_params` reads; a trainer cannot resume from it, as it has no optimizer state or data position."""
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    directory = storage.join(storage.abspath(workdir), "checkpoints")
     options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
     with ocp.CheckpointManager(directory, options=options, item_names=("state", "data")) as manager:
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave({"params": params})), force=True)
@@ -211,7 +210,7 @@ def restore_params(workdir: str, step: int, abstract_params):
     item = {"params": abstract_params}
     args = ocp.args.PyTreeRestore(item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
                                   partial_restore=True)
-    directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    directory = storage.join(storage.abspath(workdir), "checkpoints")
     with _read_only_manager(directory) as manager:
         try:
             return manager.restore(step, args=ocp.args.Composite(state=args))["state"]["params"]

@@ -4,6 +4,10 @@ Only process 0 writes and logs; the other processes compute the same numbers and
 
 The event file is written with TensorBoard's own protocol buffers and record framing, straight to a local file.
 TensorBoard's and clu's writers open files through TensorFlow, whose import is about 5 s of every run's start.
+
+A work directory in a bucket (gs://, s3://) cannot be appended to: `metrics.jsonl` is uploaded whole after each
+logged step, and the event file is written on local scratch and uploaded on flush, on close and at most every
+`EVENTS_UPLOAD_SECONDS` while training.
 """
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ from PIL import Image
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from dalle_jax import storage
+
+EVENTS_UPLOAD_SECONDS = 60.0
+
 
 def _plain(value):
     value = np.asarray(value).item() if np.ndim(value) == 0 else value
@@ -38,10 +46,13 @@ class EventFile:
     """One TensorBoard event file (`events.out.tfevents.*`) in `logdir`, with scalars and PNG images."""
 
     def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
         name = f"events.out.tfevents.{time.time():.6f}.{socket.gethostname()}.{os.getpid()}"
-        self.path = os.path.join(logdir, name)
-        self._records = RecordWriter(open(self.path, "wb"))
+        self.path = storage.join(logdir, name)
+        local_dir = storage.staging_dir(logdir) if storage.is_remote(logdir) else logdir
+        os.makedirs(local_dir, exist_ok=True)
+        self.local_path = os.path.join(local_dir, name)
+        self.uploaded = time.monotonic()
+        self._records = RecordWriter(open(self.local_path, "wb"))
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
     def _write(self, event: event_pb2.Event) -> None:
@@ -59,8 +70,12 @@ class EventFile:
 
     def flush(self) -> None:
         self._records.flush()
+        if self.local_path != self.path:
+            storage.copyfile(self.local_path, self.path)
+            self.uploaded = time.monotonic()
 
     def close(self) -> None:
+        self.flush()
         self._records.close()
 
 
@@ -69,15 +84,20 @@ class MetricsWriter:
         self.workdir = workdir
         self.is_main = jax.process_index() == 0
         self.events = EventFile(workdir) if self.is_main else None
-        self.jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self.jsonl_path = storage.join(workdir, "metrics.jsonl")
+        self._remote_lines = None  # a bucket's metrics.jsonl, kept here and uploaded whole on each write
 
     def drop_after(self, step: int) -> None:
         """Forgets lines logged after `step`, and the final `test/` figures of `step`: a resumed run logs those steps
         again, and a finished run called again evaluates its test split again."""
-        if not self.is_main or not os.path.exists(self.jsonl_path):
+        if not self.is_main or not storage.exists(self.jsonl_path):
             return
         kept = [line for line in read_metrics(self.workdir)
                 if line["step"] < step or (line["step"] == step and not any(k.startswith("test/") for k in line))]
+        if storage.is_remote(self.jsonl_path):
+            self._remote_lines = [json.dumps(line) + "\n" for line in kept]
+            storage.write_atomic(self.jsonl_path, "".join(self._remote_lines))
+            return
         with open(self.jsonl_path, "w") as f:
             f.writelines(json.dumps(line) + "\n" for line in kept)
 
@@ -87,20 +107,30 @@ class MetricsWriter:
         scalars = {k: float(v) for k, v in scalars.items()}
         logging.info("[%d] %s", step, ", ".join(f"{k}={v:.6g}" for k, v in scalars.items()))
         self.events.scalars(int(step), scalars)
-        with open(self.jsonl_path, "a") as f:
-            f.write(json.dumps({"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}) + "\n")
+        line = json.dumps({"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}) + "\n"
+        if not storage.is_remote(self.jsonl_path):
+            with open(self.jsonl_path, "a") as f:
+                f.write(line)
+            return
+        if self._remote_lines is None:
+            self._remote_lines = ([json.dumps(old) + "\n" for old in read_metrics(self.workdir)]
+                                  if storage.exists(self.jsonl_path) else [])
+        self._remote_lines.append(line)
+        storage.write_atomic(self.jsonl_path, "".join(self._remote_lines))
+        if time.monotonic() - self.events.uploaded > EVENTS_UPLOAD_SECONDS:
+            self.events.flush()
 
     def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         """Each value is one uint8 (H, W, 3) picture; it goes to TensorBoard and `samples/NAME_STEP.png`."""
         if not self.is_main:
             return
-        os.makedirs(os.path.join(self.workdir, "samples"), exist_ok=True)
+        storage.makedirs(storage.join(self.workdir, "samples"))
         for name, image in images.items():
             image = np.asarray(image)
             png = _png_bytes(image)
             self.events.image(int(step), name, png, *image.shape)
-            path = os.path.join(self.workdir, "samples", f"{name.replace('/', '_')}_{step:07d}.png")
-            with open(path, "wb") as f:
+            path = storage.join(self.workdir, "samples", f"{name.replace('/', '_')}_{step:07d}.png")
+            with storage.open(path, "wb") as f:
                 f.write(png)
 
     def flush(self) -> None:
@@ -114,5 +144,5 @@ class MetricsWriter:
 
 def read_metrics(workdir: str) -> list[dict]:
     """All lines of `metrics.jsonl`, oldest first."""
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    with storage.open(storage.join(workdir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
