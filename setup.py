@@ -29,6 +29,8 @@ setup(
         "numpy>=2.0,<3",
         "starlette>=0.40,<2",  # dalle-jax-serve: the page and the API
         "uvicorn>=0.30,<1",
+        "etils[epath]>=1.15,<2",  # dalle_jax.storage: local paths and bucket URLs alike
+        "gcsfs>=2026.10,<2027",  # gs:// work directories and datasets (epath reaches them through fsspec)
     ],
     entry_points={"console_scripts": [
         "dalle-jax-train = dalle_jax.train:cli",
@@ -42,11 +44,13 @@ setup(
     extras_require={
         # -n 2: two workers; shared runs. The server's tests: a real HTTP client, and a browser (the system chromium).
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "filelock>=3.12,<5", "httpx>=0.27,<1",
-                 "playwright>=1.45,<2"],
+                 "playwright>=1.45,<2",
+                 "gcp-storage-emulator==2026.7.19"],  # tests/storage: a GCS server on 127.0.0.1
         # Interop tests: the other frameworks' own modules. taming-transformers-rom1504 is installed apart, with
         # --no-deps (see the Makefile): its declared deps pull torchvision and a newer torch, its modules need neither.
         "torch": ["torch==2.13.0", "min-dalle==0.4.11", "diffusers>=0.42,<0.43", "einops>=0.8,<0.9",
                   "emoji>=2.16,<3"],
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
+        "cuda": ["jax[cuda12]>=0.10.2,<0.11"],  # GPU clusters: the CUDA plugin pinned to the installed jax's version
     },
 )
