@@ -1,8 +1,9 @@
 """Joining the processes of a multi-host run (one process per host) before any JAX computation.
 
 Three cases: explicit flags (`coordinator_address`, `num_processes`, `process_id`) join any set of processes, e.g.
-several on one machine over 127.0.0.1; on a Cloud TPU VM jax finds the pod's workers by itself; otherwise the run
-is one process and nothing is done. On CPU the processes exchange collectives over gloo.
+several on one machine over 127.0.0.1; on a Cloud TPU VM, or in a job of several processes under SLURM, Open MPI
+(mpirun) or Kubernetes, jax finds the run's processes and its coordinator by itself; otherwise the run is one
+process and nothing is done. On CPU the processes exchange collectives over gloo.
 """
 from __future__ import annotations
 
@@ -19,12 +20,26 @@ def on_cloud_tpu_vm() -> bool:
     return chips > 0
 
 
+def cluster_job() -> tuple[str, int] | None:
+    """(scheduler, process count) of the multi-process job this process was started in, as jax's own cluster
+    detection sees it (SLURM, Open MPI, Kubernetes); None outside one, or in a job of a single process."""
+    # jax's registry of cluster environments, which jax.distributed.initialize() consults; it has no public name.
+    from jax._src.clusters import ClusterEnv
+    for env in ClusterEnv._cluster_types:
+        if env.opt_in_only_method or "Tpu" in env.__name__ or not env.is_env_present():
+            continue
+        count = env.get_process_count()
+        return (env.__name__, count) if count > 1 else None
+    return None
+
+
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> bool:
     """Joins this process to its run; returns whether jax.distributed was initialised.
 
     Must run before anything touches a device. With a `coordinator_address`, `num_processes` and `process_id`
-    are required; without one, a Cloud TPU VM initialises automatically and any other machine runs alone.
+    are required; without one, a Cloud TPU VM or a SLURM, Open MPI or Kubernetes job of several processes
+    initialises automatically, and any other process runs alone.
     """
     explicit = (num_processes, process_id)
     if coordinator_address:
@@ -41,6 +56,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError("--num_processes and --process_id need --coordinator_address=HOST:PORT (the address of "
                          "process 0) too.")
     elif on_cloud_tpu_vm():
+        jax.distributed.initialize()
+    elif (job := cluster_job()) is not None:
+        logging.info("Joining a %d-process job found by jax's %s detection.", job[1], job[0])
         jax.distributed.initialize()
     else:
         return False
