@@ -4,7 +4,8 @@ Each request becomes a `Job`: its images' text rows, its seed and its images' in
 oldest job, waits up to `max_wait_s` for others with the same sampling settings (one compiled program serves them),
 and hands as many as fit in one sampler call (`capacity` images) to `TextToImage.generate` with one seed and one
 index per row, so every image is the one its request alone, or `sample.py`, draws from (seed, index). Groups are
-padded to a whole number of sampler calls, so each settings' program is compiled for one shape only. A job whose
+padded to the next of a few sizes (powers of two up to `capacity`, then whole sampler calls), so each settings'
+program compiles for those shapes only, and a lone small request does not pay for a full batch. A job whose
 client went away leaves the queue at once; one already being sampled has its images dropped.
 
 The token loop runs inside one compiled scan, which reports nothing until it ends (a host callback in it would make
@@ -38,6 +39,7 @@ class Job:
     arrived: float = dataclasses.field(default_factory=time.monotonic)
     started: float | None = None  # when its sampler call began
     tokens_total: int = 0  # tokens of the sampler calls it is in
+    call_rows: int = 0  # the batch size of those calls
     cancelled: bool = False
 
     @property
@@ -58,8 +60,8 @@ class Batcher:
         self._changed = asyncio.Event()
         # One thread: one sampler call at a time, in order.
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
-        self._compiled: set[tuple] = set()
-        self._seconds_per_token: float | None = None
+        self._compiled: set[tuple] = set()  # (program, rows per call)
+        self._seconds_per_token: dict[tuple, float] = {}
         self.sampling = False
         self.counts = dict(sampler_calls=0, requests_served=0, cancelled=0)
 
@@ -68,8 +70,25 @@ class Batcher:
         ways = parallel.batch_parallelism(self.pipe.mesh)
         return -(-max(self.pipe.batch_size // settings.candidates, 1) // ways) * ways
 
-    def compiled(self, settings: SamplingSettings) -> bool:
-        return _program(settings) in self._compiled
+    def sizes(self, settings: SamplingSettings) -> list[int]:
+        """The batch sizes sampled under `settings`: powers of two times the devices on the batch axes, and
+        `capacity`."""
+        ways, capacity = parallel.batch_parallelism(self.pipe.mesh), self.capacity(settings)
+        sizes = [ways]
+        while sizes[-1] * 2 < capacity:
+            sizes.append(sizes[-1] * 2)
+        return sorted(set(sizes + [capacity]))
+
+    def padded(self, rows: int, settings: SamplingSettings) -> int:
+        capacity = self.capacity(settings)
+        if rows >= capacity:
+            return -(-rows // capacity) * capacity
+        return min(size for size in self.sizes(settings) if size >= rows)
+
+    def compiled(self, settings: SamplingSettings, rows: int | None = None) -> bool:
+        """Whether the sampler for `settings` is compiled for batches of `rows` (None: for every size)."""
+        wanted = self.sizes(settings) if rows is None else [min(rows, self.capacity(settings))]
+        return all((_program(settings), size) in self._compiled for size in wanted)
 
     @property
     def queued_images(self) -> int:
@@ -105,17 +124,19 @@ class Batcher:
         if job.started is None:
             ahead = sum(other.size for other in self._queue[:self._queue.index(job)]) if job in self._queue else 0
             return dict(state="queued", images_ahead=ahead, tokens_done=0, tokens_total=job.tokens_total)
-        if not self.compiled(job.settings) or self._seconds_per_token is None:
-            return dict(state="compiling" if not self.compiled(job.settings) else "sampling", tokens_done=None,
+        seconds = self._seconds_per_token.get((_program(job.settings), job.call_rows))
+        if seconds is None:
+            compiled = self.compiled(job.settings, job.call_rows)
+            return dict(state="sampling" if compiled else "compiling", tokens_done=None,
                         tokens_total=job.tokens_total)
-        done = int((time.monotonic() - job.started) / self._seconds_per_token)
+        done = int((time.monotonic() - job.started) / seconds)
         return dict(state="sampling", tokens_done=min(done, job.tokens_total - 1), tokens_total=job.tokens_total)
 
     async def warm_up(self, settings: SamplingSettings) -> None:
-        """Compiles the sampler for `settings` (and measures its time per token with a second call)."""
-        rows = np.tile(self.pipe.seq2seq.empty_text_ids, (self.capacity(settings), 1))
-        for _ in range(2):
-            await self._run(rows, np.zeros(len(rows), np.int64), np.arange(len(rows)), settings)
+        """Compiles the sampler for `settings` at every batch size."""
+        for size in self.sizes(settings):
+            rows = np.tile(self.pipe.seq2seq.empty_text_ids, (size, 1))
+            await self._run(rows, np.zeros(size, np.int64), np.arange(size), settings)
 
     async def run_forever(self) -> None:
         while True:
@@ -152,7 +173,7 @@ class Batcher:
     async def _sample(self, group: list[Job]) -> None:
         settings, capacity = group[0].settings, self.capacity(group[0].settings)
         rows = sum(job.size for job in group)
-        padded = -(-rows // capacity) * capacity
+        padded = self.padded(rows, settings)
         text_ids = np.tile(self.pipe.seq2seq.empty_text_ids, (padded, 1))
         text_ids[:rows] = np.concatenate([job.text_ids for job in group])
         seeds, indices = np.zeros(padded, np.int64), np.zeros(padded, np.int64)
@@ -160,7 +181,8 @@ class Batcher:
         indices[:rows] = np.concatenate([np.arange(job.size) for job in group])
         started = time.monotonic()
         for job in group:
-            job.started, job.tokens_total = started, (padded // capacity) * self.pipe.seq2seq.config.model.image_length
+            job.started, job.call_rows = started, min(padded, capacity)
+            job.tokens_total = -(-padded // capacity) * self.pipe.seq2seq.config.model.image_length
         self.sampling = True
         try:
             outputs = await self._run(text_ids, seeds, indices, settings)
@@ -181,14 +203,15 @@ class Batcher:
 
     async def _run(self, text_ids, seeds, indices, settings) -> tuple[np.ndarray, ...]:
         """One `generate` call on the sampler thread; records what it compiled and how long a token took."""
-        program, was_compiled = _program(settings), self.compiled(settings)
+        call_rows = min(len(text_ids), self.capacity(settings))
+        key, was_compiled = (_program(settings), call_rows), self.compiled(settings, call_rows)
         started = time.monotonic()
         outputs = await asyncio.get_running_loop().run_in_executor(
             self._executor, lambda: self.pipe.generate(text_ids, seeds, settings, indices=indices))
-        calls = len(text_ids) // self.capacity(settings)
+        calls = -(-len(text_ids) // call_rows)
         if was_compiled:
-            self._seconds_per_token = ((time.monotonic() - started)
-                                       / (calls * self.pipe.seq2seq.config.model.image_length))
-        self._compiled.add(program)
+            self._seconds_per_token[key] = ((time.monotonic() - started)
+                                            / (calls * self.pipe.seq2seq.config.model.image_length))
+        self._compiled.add(key)
         self.counts["sampler_calls"] += calls
         return outputs
