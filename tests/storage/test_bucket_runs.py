@@ -112,7 +112,7 @@ def test_a_refused_checkpoint_write_fails_the_run_and_keeps_the_previous_checkpo
         gcs.refuse(None)
     assert done.returncode != 0 and refusals > 0
     assert "403" in done.stderr and "refused/checkpoints/8" in done.stderr, done.stderr[-4000:]
-    assert checkpointing.checkpoint_steps(workdir) == [4]
+    assert checkpointing.checkpoint_steps(workdir)[-1] == 4  # step 8's is not listed: never committed
     done, _ = _run(_command(workdir, data_dir), env)
     assert done.returncode == 0, done.stderr[-4000:]
     assert "Resuming from step 4" in done.stderr
