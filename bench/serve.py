@@ -5,7 +5,7 @@ One process loads the run once. The peer calls the loaded `TextToImage` directly
 prompt, one image, its own seed), as a script without the server would. Then the server (the same loaded model,
 with uvicorn on a free local port in a thread) takes the same requests from 1, 4 and 16 clients at once, each a
 thread with its own HTTP connection sending `--requests` requests one after another. Both are compiled before they
-are timed. Figures: requests per second and latency percentiles (ms); `ratio` is the server's requests per second
+are timed (the server at each batch size it pads to). Figures: requests per second and latency percentiles (ms); `ratio` is the server's requests per second
 over the direct calls'. On the CPU, other processes sharing the cores move every figure: compare only figures of
 one run. The final line is one JSON object.
 """
@@ -97,7 +97,12 @@ def main():
     settings = dict(candidates=args.candidates)
     pipe = TextToImage.from_workdir(args.workdir, batch_size=args.batch_size)
     server, url = start_server(pipe, args.max_wait_ms, max(clients) * 16)
-    httpx.post(f"{url}/api/samples", json=dict(prompts=[PROMPTS[0]], **settings), timeout=600).raise_for_status()
+    # One request of each batch size the server pads to compiles each before the timing.
+    size = 1
+    while size <= args.batch_size // args.candidates:
+        httpx.post(f"{url}/api/samples", json=dict(prompts=[PROMPTS[0]], num_images=size, **settings),
+                   timeout=600).raise_for_status()
+        size *= 2
     rows = []
     for count in clients:
         peer = direct(pipe, count * args.requests, settings)
