@@ -19,7 +19,8 @@ from tests.conftest import REPO, subprocess_env
 
 # Each command and a flag its --help must show.
 COMMANDS = {"dalle-jax-train": "--config", "dalle-jax-sample": "--prompt", "dalle-jax-export": "--format",
-            "dalle-jax-import": "--src", "dalle-jax-evaluate": "--max_examples", "dalle-jax-demo": "--root"}
+            "dalle-jax-import": "--src", "dalle-jax-evaluate": "--max_examples", "dalle-jax-demo": "--root",
+            "dalle-jax-serve": "--max_wait_ms"}
 
 
 def _run(cmd, **kwargs):
@@ -64,6 +65,10 @@ def test_every_command_is_installed_and_the_package_is_the_wheel(installed, tmp_
     where = _run([str(bin_dir / "python"), "-c", "import dalle_jax, dalle_jax.configs; print(dalle_jax.__file__)"],
                  cwd=tmp_path, env=env).stdout.strip()
     assert where.startswith(str(bin_dir.parent)) and not where.startswith(REPO), where
+    page = _run([str(bin_dir / "python"), "-c", "from importlib import resources; "
+                 "print(resources.files('dalle_jax.serve').joinpath('page.html').read_text())"],
+                cwd=tmp_path, env=env).stdout
+    assert "<html" in page.lower()  # the web page ships in the wheel
 
 
 def test_tiny_train_sample_export_from_outside_the_checkout(installed, tmp_path, shapes_data_dir, compilation_cache):
