@@ -2,7 +2,8 @@
 
 Every parameter carries logical axis names: conv kernels (kh, kw, in, out) -> (None, None, "conv_in", "conv_out"),
 conv biases -> ("conv_out",), GroupNorm scale and bias -> ("norm",). Parameters are float32; `dtype` is the
-compute dtype.
+compute dtype. Feature maps carry activation names too (`FEATURE_ACTIVATION`): every conv's output is pinned to
+them under `parallel.activation_sharding`, and outside it (plain calls) nothing is.
 """
 from __future__ import annotations
 
@@ -13,10 +14,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dalle_jax.parallel import constrain
+
 CONV_KERNEL_AXES = (None, None, "conv_in", "conv_out")
 CONV_BIAS_AXES = ("conv_out",)
 NORM_AXES = ("norm",)
 PAD_1 = ((1, 1), (1, 1))  # taming's padding=1 for 3x3 convs
+# Logical names of a feature map (B, H, W, C) and of attention's flattened (B, H*W, C) and (B, H*W, H*W). The
+# channels of an activation are a name of their own, not the kernels' "conv_out": kernels may be split over fsdp
+# (gathered before use), activations must not be. Left to itself, the partitioner kept the kernels' fsdp split on
+# the feature maps of a data x fsdp x tensor mesh, so attention contracted channels split over two mesh axes
+# while its output wanted the batch split over two: XLA returns such a dot's rows on the wrong devices (a
+# three-axis mesh is needed; docs/research/spmd_batched_dot.md has the minimal repro).
+FEATURE_ACTIVATION = ("batch", None, None, "channels")
+TOKENS_ACTIVATION = ("batch", None, "channels")
+ATTENTION_ACTIVATION = ("batch", None, None)
 
 # PyTorch's default conv initialisation (uniform, variance 1 / (3 fan_in)): taming's recipes were tuned with it.
 TORCH_CONV_INIT = nnx.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -48,10 +60,17 @@ def _common_divisor(channels: list[int], below: int) -> int:
     return max(d for d in range(1, min(g, below) + 1) if g % d == 0)
 
 
+class Conv(nnx.Conv):
+    """nnx.Conv (NHWC) whose output is pinned to `FEATURE_ACTIVATION` under `parallel.activation_sharding`."""
+
+    def __call__(self, inputs):
+        return constrain(super().__call__(inputs), FEATURE_ACTIVATION)
+
+
 def conv(in_features: int, out_features: int, kernel_size: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-         strides: int = 1, padding="SAME", use_bias: bool = True, kernel_init=TORCH_CONV_INIT) -> nnx.Conv:
+         strides: int = 1, padding="SAME", use_bias: bool = True, kernel_init=TORCH_CONV_INIT) -> Conv:
     """A 2-d conv (NHWC) whose kernel and bias carry the conv logical axis names."""
-    return nnx.Conv(
+    return Conv(
         in_features, out_features, (kernel_size, kernel_size), strides=strides, padding=padding,
         use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
         kernel_init=nnx.with_partitioning(kernel_init, CONV_KERNEL_AXES),
@@ -129,10 +148,11 @@ class AttnBlock(nnx.Module):
     def __call__(self, x):
         b, height, width, c = x.shape
         h = self.norm(x)
-        q, k, v = (layer(h).reshape(b, height * width, c) for layer in (self.q, self.k, self.v))
+        q, k, v = (constrain(layer(h).reshape(b, height * width, c), TOKENS_ACTIVATION)
+                   for layer in (self.q, self.k, self.v))
         logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32) * (c ** -0.5)
-        weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-        h = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, height, width, c)
+        weights = jax.nn.softmax(constrain(logits, ATTENTION_ACTIVATION), axis=-1).astype(v.dtype)
+        h = constrain(jnp.einsum("bij,bjc->bic", weights, v), TOKENS_ACTIVATION).reshape(b, height, width, c)
         return x + self.proj_out(h)
 
 

@@ -4,7 +4,8 @@ State: {step, params, disc_params, opt_g, opt_d, code_ema}. One train step updat
 codebook + commitment + adaptive-weight GAN terms) and the discriminator (hinge loss) together, then restarts dead
 codes on schedule; a step whose losses, gradients or updates are not finite is skipped (metric `nonfinite`).
 Randomness is `fold_in(seed, step)` (on a branch of its own), so a resumed run draws exactly
-what an unbroken one would.
+what an unbroken one would. Both steps trace under `Setup.activation_sharding`, which pins the models' feature maps
+(batch over data x fsdp, channels over tensor).
 """
 from __future__ import annotations
 
@@ -25,10 +26,34 @@ from dalle_jax.models.vqgan import VQGAN
 from dalle_jax.training import finite_updates, gan_losses, optimizers
 
 
+# Where the models' activation names (dalle_jax/models/conv_layers.py) go when the recipe's sharding_rules do not
+# name them: the batch over both data-parallel axes, feature channels over tensor alone. Never over fsdp: unpinned,
+# the feature maps took the kernels' fsdp split, and on a data x fsdp x tensor mesh XLA then mis-partitioned
+# attention's batched dot (wrong losses from step 1 on; docs/research/spmd_batched_dot.md).
+ACTIVATION_RULES = (("batch", parallel.BATCH_AXES), ("channels", "tensor"))
+
+
+def activation_rules(rules) -> tuple:
+    """The recipe's rules, followed by `ACTIVATION_RULES` for the activation names they leave out. Raises on rules
+    that split feature channels over more than one mesh axis or over a batch axis."""
+    rules = tuple(rules) + tuple(rule for rule in ACTIVATION_RULES if rule[0] not in {name for name, _ in rules})
+    table = dict(rules)
+    axes = lambda target: (target,) if isinstance(target, str) else tuple(target or ())
+    channels, batch = axes(table["channels"]), axes(table["batch"])
+    if len(channels) > 1 or set(channels) & set(batch):
+        raise ValueError(
+            f"config.sharding_rules maps the activation name 'channels' to {table['channels']!r} with 'batch' on "
+            f"{table['batch']!r}. Map 'channels' to one mesh axis that 'batch' does not use, e.g. "
+            f"('channels', 'tensor'): feature maps split over two axes make XLA mis-partition the VQGAN's attention "
+            f"on a three-axis mesh (docs/research/spmd_batched_dot.md).")
+    return rules
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """Everything static about a run's step functions."""
     config: ml_collections.ConfigDict
+    mesh: Mesh
     generator: nnx.GraphDef
     discriminator: nnx.GraphDef
     tx_g: optax.GradientTransformation
@@ -38,6 +63,10 @@ class Setup:
     @property
     def gan_enabled(self) -> bool:
         return self.config.loss.disc_start < self.config.num_steps
+
+    def activation_sharding(self):
+        """Context in which the steps are traced: activations pinned by `activation_rules`."""
+        return parallel.activation_sharding(self.mesh, activation_rules(self.config.sharding_rules))
 
 
 def _models(config, seed: int):
@@ -62,7 +91,7 @@ def create(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Setup, Any, A
     tx_d = optimizers.make_optimizer(config.optimizer, max(total - config.loss.disc_start, 1),
                            peak=config.optimizer.disc_learning_rate or config.optimizer.learning_rate)
     grid = abstract_gen.grid_size
-    setup = Setup(config, gen_def, disc_def, tx_g, tx_d, tokens_per_batch=config.data.batch_size * grid * grid)
+    setup = Setup(config, mesh, gen_def, disc_def, tx_g, tx_d, tokens_per_batch=config.data.batch_size * grid * grid)
 
     rules = config.sharding_rules
     param_sh = parallel.state_shardings(gen_abstract, mesh, rules)
@@ -112,6 +141,11 @@ def _generator_terms(setup: Setup, params, disc_params, x, gan_weight_on, dropou
 
 
 def train_step(setup: Setup, state, batch):
+    with setup.activation_sharding():
+        return _train_step(setup, state, batch)
+
+
+def _train_step(setup: Setup, state, batch):
     cfg = setup.config
     step = state["step"]
     # Init draws from fold_in(seed key, 0) and (.., 1); training draws from its own branch, (.., 2).
@@ -170,6 +204,11 @@ def train_step(setup: Setup, state, batch):
 
 def eval_step(setup: Setup, params, batch):
     """Per-batch sums for evaluation: reconstruction loss, PSNR, code counts, and the reconstructions."""
+    with setup.activation_sharding():
+        return _eval_step(setup, params, batch)
+
+
+def _eval_step(setup: Setup, params, batch):
     model = nnx.merge(setup.generator, params)
     x = gan_losses.to_float(batch["image"])
     x_rec, aux = model(x)
