@@ -106,6 +106,7 @@ class Report:
     def text(self) -> str:
         gib = lambda b: f"{b / GiB:.2f} GiB"
         chip = CHIPS[chip_name(self.topology)]
+        fast, slow = self.step_s_full_overlap, self.step_s_no_overlap
         mesh = " x ".join(f"{k}={v}" for k, v in self.mesh.items())
         return "\n".join([
             f"{self.trainer} train step on {self.topology}: {self.chips} chips, mesh {mesh}, global batch "
@@ -127,16 +128,17 @@ class Report:
                 + ", ".join(f"{kind} {c['executions']}x {c['bytes'] / 1e9:.2f} GB {c['seconds'] * 1e3:.1f} ms"
                             for kind, c in self.collectives.items())
                 + f") over links of {chip.interconnect.link_bytes_per_s / 1e9:.1f} GB/s each way"),
-            f"  estimated step {self.step_s_full_overlap * 1e3:.1f}-{self.step_s_no_overlap * 1e3:.1f} ms (full overlap"
-            f" - none), MFU {100 * self.mfu(self.step_s_no_overlap):.1f}-{100 * self.mfu(self.step_s_full_overlap):.1f}%",
+            f"  estimated step {fast * 1e3:.1f}-{slow * 1e3:.1f} ms (full overlap - none), "
+            f"MFU {100 * self.mfu(slow):.1f}-{100 * self.mfu(fast):.1f}%",
         ] + ([f"  without a cycle figure, not in the compute time: {sum(self.uncosted.values())} executions per step ("
               + ", ".join(f"{op} {n}" for op, n in list(self.uncosted.items())[:6]) + ", ...)"]
              if self.uncosted else []))
 
     def as_dict(self) -> dict:
+        fast, slow = self.step_s_full_overlap, self.step_s_no_overlap
         return dict(dataclasses.asdict(self), per_chip_bytes=self.per_chip_bytes, fits=self.fits,
-                    step_s_full_overlap=self.step_s_full_overlap, step_s_no_overlap=self.step_s_no_overlap,
-                    mfu_full_overlap=self.mfu(self.step_s_full_overlap), mfu_no_overlap=self.mfu(self.step_s_no_overlap))
+                    step_s_full_overlap=fast, step_s_no_overlap=slow, mfu_full_overlap=self.mfu(fast),
+                    mfu_no_overlap=self.mfu(slow))
 
     def json_line(self) -> str:
         return json.dumps(self.as_dict())
