@@ -1,16 +1,16 @@
-"""The TPU compiler's own step-time estimate, read from a compiled program's optimised HLO.
+"""The TPU compiler's own compute-time estimate, read from a compiled program's optimised HLO.
 
 libtpu gives the scheduled top-level instructions that compute (fusions, copies, broadcasts) an `"estimated_cycles"`
 entry in their backend config: its cost model's cycle count for that instruction on one TensorCore. One run of the
 program costs the sum over the entry computation, where a `while` adds its body and condition once per iteration
 and a `call` or `conditional` adds what it calls (the costlier branch). Fused computations are not entered: the
-fusion instruction carries their cost. Collectives carry no figure, so the sum assumes they hide behind compute;
-and nothing in it overlaps.
+fusion instruction carries their cost. Nothing in the sum overlaps. Collectives carry no figure (`communication`
+models them); other instructions without one are counted by `uncosted`, not taken as free.
 
 A loop's iteration count is the one XLA states (`known_trip_count`, which XLA:CPU writes and libtpu does not), else
-N - start for a condition `counter < N`, where N is a constant and start is the
-counter's constant initial value in the tuple the loop is given (through copies): what `lax.scan`, `fori_loop` and
-XLA's own windowed-matmul loops compile to. A loop written any other way has no count here, and neither has the
+N - start for a condition `counter < N`, where N is a constant and start is the counter's constant initial value in
+the tuple the loop is given (through copies): what `lax.scan`, `fori_loop` and XLA's own windowed-matmul loops
+compile to. A loop written any other way has no count here, and neither has the
 program: `program_cycles` returns None rather than a figure that counts it once.
 """
 from __future__ import annotations
