@@ -47,13 +47,15 @@ def test_the_printed_paths_exist_and_the_commands_parse(tmp_path, monkeypatch):
 
 
 def test_main_prints_the_report_then_the_next_steps(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "run_demo", lambda root, max_examples: {"root": root, "judged": max_examples})
+    monkeypatch.setattr(demo, "run_demo", lambda root, max_examples, seed: {"root": root, "judged": max_examples,
+                                                                           "seed": seed})
     monkeypatch.setattr(demo, "_ROOT", type("Flag", (), {"value": str(tmp_path)}))
     monkeypatch.setattr(demo, "_MAX_EXAMPLES", type("Flag", (), {"value": 7}))
+    monkeypatch.setattr(demo, "_SEED", type("Flag", (), {"value": 3}))
     demo.main(["demo"])
     printed = capsys.readouterr().out
     report_end = printed.index("}\n") + 2
-    assert json.loads(printed[:report_end]) == {"root": str(tmp_path), "judged": 7}
+    assert json.loads(printed[:report_end]) == {"root": str(tmp_path), "judged": 7, "seed": 3}
     assert printed[report_end:].rstrip("\n") == demo.next_steps(str(tmp_path), 7)
     assert f"--workdir {os.path.join(str(tmp_path), 'dalle')}" in printed
 
