@@ -66,15 +66,16 @@ def faults_config() -> ml_collections.ConfigDict:
 
 
 def fsdp_tpu_compiler_options() -> ml_collections.ConfigDict:
-    """libtpu flags for FSDP recipes, each measured with the TPU compiler's own cycle estimates (`dalle_jax.pods.aot`).
+    """libtpu flags for FSDP recipes, each kept because it wins at both ends of the estimated step-time range
+    (`dalle_jax.pods.aot`: the compiler's cycle sum, plus or overlapped with the modelled communication).
 
-    No windowed einsums: by default XLA overlaps each sharded weight's all-gather with its matmul by looping over
-    the weight's shards and adding each partial product into the whole activation, which it then reads and writes
-    once per shard; for DalleBart's large activations and small weight shards that took 2.6x the time of gathering
-    the weight first (DALL·E mini, 2+2 layers, v5e:4x4: 257 ms against 98 ms per step).
-    All-gathers as all-gathers: otherwise XLA gathers the layer's weights by zero-filling a weight-sized buffer per
-    weight, writing its shard in and all-reducing, which cost a quarter of DALL·E mega's step on v5e:16x16 (292 ms
-    against 223 ms per step)."""
+    No windowed einsums: by default XLA overlaps each sharded weight's all-gather with its matmul by looping over the
+    weight's shards and adding each partial product into the whole activation, which it reads and writes once per
+    shard; for DalleBart's large activations and small weight shards that is slower (DALL·E mini, v5e:4x4: 1,309-1,398
+    ms per step with both on, against 403-417 ms).
+    All-gathers as all-gathers: otherwise XLA gathers a layer's weights by zero-filling a weight-sized buffer, writing
+    its shard in and all-reducing (DALL·E mega, v5e:16x16: 269-415 ms per step and 29.1 GB sent per chip, against
+    202-300 ms)."""
     return ml_collections.ConfigDict({"xla_tpu_enable_windowed_einsum_for_all_gather": False,
                                       "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
                                       "xla_tpu_prefer_async_allgather_to_allreduce": True})

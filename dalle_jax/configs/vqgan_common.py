@@ -21,7 +21,9 @@ def base_config(image_size: int) -> ml_collections.ConfigDict:
     config.mesh = common.mesh_config()
     # Logical parameter axis -> mesh axes. A mesh axis that does not divide a dimension is skipped for it.
     # Conv kernels are split on output channels only: with input channels also split over `tensor`, jax 0.10's
-    # partitioner computed wrong input gradients for stacked 4x4 convs (tests/test_sharded_convs.py).
+    # partitioner computed wrong input gradients for stacked 4x4 convs. Activations are pinned (batch over data and
+    # fsdp, channels over tensor; trainers/vqgan_step.py) because of a partitioner bug on three-axis meshes
+    # (docs/research/spmd_batched_dot.md).
     config.sharding_rules = (
         ("conv_out", ("fsdp", "tensor")),
         ("conv_in", None),
