@@ -27,8 +27,6 @@ flags.mark_flag_as_required("config")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     config = _CONFIG.value
     if config.trainer not in ("vqgan", "seq2seq", "captioner"):

@@ -21,7 +21,7 @@ import shutil
 import sys
 import time
 
-from absl import app, flags
+from absl import flags
 
 from dalle_jax import command_line
 from dalle_jax.configs import shapes_captioner, shapes_dalle, shapes_vqgan
@@ -199,8 +199,6 @@ def _report(timings: dict, vqgan_dir: str, dalle_dir: str, reranker_dir: str, ju
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
     report = run_demo(_ROOT.value, _MAX_EXAMPLES.value, _SEED.value)
     print(json.dumps(report, indent=2))

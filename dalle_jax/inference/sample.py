@@ -127,8 +127,6 @@ def write_images(samples, out_dir: str, **context) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     logging.info("Compilation cache: %s", compile_cache.enable())
     run(flags.FLAGS)

@@ -51,8 +51,6 @@ def check_flags(fv: flags.FlagValues) -> None:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     import uvicorn
 
     from dalle_jax.serve import validation

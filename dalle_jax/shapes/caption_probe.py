@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from dalle_jax import parallel, runs
+from dalle_jax import command_line, parallel, runs
 from dalle_jax.data import shapes_scene, token_records
 from dalle_jax.shapes import report_file
 from dalle_jax.models import dalle_bart
@@ -156,12 +156,10 @@ def run(fv: flags.FlagValues) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     run(flags.FLAGS)
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    command_line.run(main, __name__)

@@ -242,8 +242,6 @@ def run(fv: flags.FlagValues) -> dict:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
     run(flags.FLAGS)
 
