@@ -39,6 +39,11 @@ def shown(path) -> str:
 
 
 def _url(path) -> epath.Path:
+    if _USERINFO.match(os.fspath(path)):
+        # No bucket scheme takes credentials in its URL; refused here, such a URL never reaches a log or a file.
+        raise ValueError(f"{shown(path)}: a bucket URL takes no `user:password@` part; remove it and give the "
+                         "credentials the usual way (application default credentials for gs://, AWS_* variables "
+                         "for s3://)")
     return epath.Path(os.fspath(path))
 
 

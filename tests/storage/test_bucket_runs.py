@@ -10,22 +10,10 @@ import time
 
 import pytest
 
-from tests.conftest import REPO, subprocess_env
-from tests.storage.gcs_server import GcsServer
+from tests.conftest import REPO
+from tests.storage.conftest import BUCKET, losses as _losses, machine_env, run as _run, wait_for
 
-BUCKET = "runs"
 OVERRIDES = ["--config.log_every=1", "--config.eval_every=12", "--config.checkpoint_every=4"]
-
-
-@pytest.fixture(scope="module")
-def gcs():
-    server = GcsServer(BUCKET)
-    saved = {name: os.environ.get(name) for name in server.env()}
-    os.environ.update(server.env())  # for this process's reads of the bucket (dalle_jax.storage)
-    yield server
-    for name, value in saved.items():
-        os.environ.pop(name, None) if value is None else os.environ.__setitem__(name, value)
-    server.close()
 
 
 def _command(workdir, data_dir, *extra):
@@ -33,27 +21,11 @@ def _command(workdir, data_dir, *extra):
             f"--config.data.data_dir={data_dir}", *OVERRIDES, *extra]
 
 
-def _env(cache, gcs, home):
-    os.makedirs(home, exist_ok=True)
-    env = dict(subprocess_env(cache), HOME=str(home), DALLE_JAX_SCRATCH=os.path.join(home, "scratch"))
-    return dict(env, **gcs.env()) if gcs else env
-
-
-def _run(command, env):
-    started = time.monotonic()
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    return done, time.monotonic() - started
-
-
-def _losses(workdir):
-    from dalle_jax.training.metrics import read_metrics
-    return {m["step"]: m["train/loss"] for m in read_metrics(workdir) if "train/loss" in m}
-
-
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, shapes_data_dir, compilation_cache):
     root = tmp_path_factory.mktemp("local")
-    done, seconds = _run(_command(str(root / "run"), shapes_data_dir), _env(compilation_cache, None, root / "home"))
+    done, seconds = _run(_command(str(root / "run"), shapes_data_dir),
+                         machine_env(compilation_cache, None, root / "home"))
     assert done.returncode == 0, done.stderr[-4000:]
     return str(root / "run"), seconds
 
@@ -62,21 +34,17 @@ def test_a_bucket_run_killed_and_resumed_matches_a_local_run(gcs, local_run, tmp
     from dalle_jax import storage
     from dalle_jax.training import checkpointing
     workdir, data_dir = f"gs://{BUCKET}/vqgan", f"gs://{BUCKET}/tfds"
-    env = _env(compilation_cache, gcs, tmp_path / "home_a")
+    env = machine_env(compilation_cache, gcs, tmp_path / "home_a")
     uploaded, started = gcs.proxy.uploaded_bytes, time.monotonic()
     process = subprocess.Popen(_command(workdir, data_dir), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
-    marker = storage.join(workdir, "checkpoints", "4", "_CHECKPOINT_METADATA")
-    while not storage.exists(marker):
-        assert process.poll() is None, f"training ended before its first checkpoint:\n{process.stderr.read()[-4000:]}"
-        assert time.monotonic() - started < 300, "no checkpoint in the bucket after 300 s"
-        time.sleep(0.2)
+    wait_for(storage.join(workdir, "checkpoints", "4", "_CHECKPOINT_METADATA"), [process])
     process.kill()
     process.communicate(timeout=60)
     assert process.returncode == -signal.SIGKILL
     killed_at = max(_losses(workdir))
     # A fresh machine resumes it: another HOME and scratch directory, so the dataset is staged from the bucket again.
-    done, resumed_seconds = _run(_command(workdir, data_dir), _env(compilation_cache, gcs, tmp_path / "home_b"))
+    done, resumed_seconds = _run(_command(workdir, data_dir), machine_env(compilation_cache, gcs, tmp_path / "home_b"))
     assert done.returncode == 0, done.stderr[-4000:]
     assert "Resuming from step" in done.stderr and "Staged dataset" in done.stderr
     local, local_seconds = local_run
@@ -103,7 +71,7 @@ def test_a_refused_checkpoint_write_fails_the_run_and_keeps_the_previous_checkpo
     from dalle_jax import storage
     from dalle_jax.training import checkpointing
     workdir, data_dir = f"gs://{BUCKET}/refused", f"gs://{BUCKET}/tfds"
-    env = _env(compilation_cache, gcs, tmp_path / "home")
+    env = machine_env(compilation_cache, gcs, tmp_path / "home")
     gcs.refuse("refused/checkpoints/8")
     try:
         done, _ = _run(_command(workdir, data_dir), env)
