@@ -45,11 +45,13 @@ setup(
         # -n 2: two workers; shared runs. The server's tests: a real HTTP client, and a browser (the system chromium).
         "test": ["pytest>=8,<10", "pytest-xdist>=3.6,<4", "filelock>=3.12,<5", "httpx>=0.27,<1",
                  "playwright>=1.45,<2",
-                 "gcp-storage-emulator==2026.7.19"],  # tests/storage: a GCS server on 127.0.0.1
+                 "gcp-storage-emulator==2026.7.19",  # tests/storage: a GCS server on 127.0.0.1
+                 "moto[server]>=5.1,<6", "s3fs>=2026.9,<2027"],  # tests/storage: an S3 server on 127.0.0.1
         # Interop tests: the other frameworks' own modules. taming-transformers-rom1504 is installed apart, with
         # --no-deps (see the Makefile): its declared deps pull torchvision and a newer torch, its modules need neither.
         "torch": ["torch==2.13.0", "min-dalle==0.4.11", "diffusers>=0.42,<0.43", "einops>=0.8,<0.9",
                   "emoji>=2.16,<3"],
+        "s3": ["s3fs>=2026.9,<2027"],  # s3:// datasets and exports (epath reaches them through fsspec)
         "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "cuda": ["jax[cuda12]>=0.10.2,<0.11"],  # GPU clusters: the CUDA plugin pinned to the installed jax's version
     },

@@ -98,10 +98,13 @@ def walk(path: str):
     if not is_remote(path):
         yield from os.walk(path)
         return
-    scheme = os.fspath(path).split("://", 1)[0]
-    for directory, dirs, files in _url(path).walk():
-        directory = os.fspath(directory)  # fsspec drops the scheme
-        yield directory if is_remote(directory) else f"{scheme}://{directory.lstrip('/')}", dirs, files
+    # Listed level by level: epath's own walk passes fsspec a `max_depth` argument that s3fs refuses.
+    directories, files = [], []
+    for child in _url(path).iterdir():
+        (directories if child.is_dir() else files).append(child.name)
+    yield os.fspath(path).rstrip("/"), directories, files
+    for name in directories:
+        yield from walk(join(path, name))
 
 
 def open(path: str, mode: str = "r", **kwargs):  # noqa: A001  (the builtin's name, for the builtin's job)

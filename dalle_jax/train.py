@@ -45,6 +45,8 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required to train (only --aot_topology runs without one).")
 
+    from dalle_jax.training import checkpointing
+    checkpointing.check_workdir(_WORKDIR.value)
     from dalle_jax.pods import distributed
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if config.trainer == "vqgan":

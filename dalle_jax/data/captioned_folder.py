@@ -34,6 +34,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from dalle_jax import storage
 from dalle_jax.data import image_io
 
 CAPTIONS_FILE = "captions.jsonl"
@@ -61,7 +62,7 @@ class CaptionedFolderConfig(tfds.core.BuilderConfig):
     """Which folder to read and how to shape it; the config name is derived, never given."""
 
     name: str = dataclasses.field(init=False, default="")
-    folder: str  # local directory holding the images and captions.jsonl
+    folder: str  # directory or bucket URL (gs://, s3://) holding the images and captions.jsonl
     image_size: int  # side S of the square output images
     validation_fraction: float = 0.02  # share of files (by path hash) in the validation split
     max_caption_chars: int = 1000  # longer captions are cut to this many characters
@@ -69,12 +70,9 @@ class CaptionedFolderConfig(tfds.core.BuilderConfig):
     def __post_init__(self):
         folder = os.fspath(self.folder) if isinstance(self.folder, (str, os.PathLike)) else None
         if not folder:
-            raise ValueError(f"CaptionedFolderConfig.folder={self.folder!r} must be the path of a local directory "
-                             f"holding your images and {CAPTIONS_FILE}.")
-        if "://" in folder:
-            raise ValueError(f"CaptionedFolderConfig.folder={folder!r} must be a local directory; copy the images "
-                             "to local disk first (the prepared dataset itself may live on any data_dir).")
-        self.folder = os.path.abspath(os.path.expanduser(folder))
+            raise ValueError(f"CaptionedFolderConfig.folder={self.folder!r} must be the path of a directory (or a "
+                             f"bucket URL) holding your images and {CAPTIONS_FILE}.")
+        self.folder = folder.rstrip("/") if storage.is_remote(folder) else os.path.abspath(os.path.expanduser(folder))
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)) \
                 or self.image_size < 1:
             raise ValueError(f"CaptionedFolderConfig.image_size={self.image_size!r} must be a positive int, the "
@@ -91,8 +89,10 @@ class CaptionedFolderConfig(tfds.core.BuilderConfig):
 
 
 def config_name(folder: str | os.PathLike, image_size: int) -> str:
-    """`<S>px_<hash of the absolute folder path>`, so two folders never share a data_dir entry."""
-    folder = os.path.abspath(os.path.expanduser(os.fspath(folder)))
+    """`<S>px_<hash of the absolute folder path or URL>`, so two folders never share a data_dir entry."""
+    folder = os.fspath(folder)
+    folder = storage.shown(folder).rstrip("/") if storage.is_remote(folder) else os.path.abspath(os.path.expanduser(
+        folder))
     return f"{int(image_size)}px_{hashlib.sha256(folder.encode('utf-8')).hexdigest()[:8]}"
 
 
@@ -157,9 +157,22 @@ class FolderScan:
         }
 
 
+def readable_folder(folder: str) -> str:
+    """`folder` itself, or for a bucket URL this host's copy of it on local scratch (fetched once; only the host that
+    prepares the dataset reads the images)."""
+    if not storage.is_remote(folder):
+        return folder
+    if not storage.isdir(folder):
+        raise FileNotFoundError(f"CaptionedFolderConfig.folder={storage.shown(folder)} holds no objects. Point it at "
+                                f"the bucket prefix holding your images and {CAPTIONS_FILE}.")
+    local = storage.staging_dir(folder)
+    storage.stage_tree(folder, local, "image folder")
+    return local
+
+
 def scan_folder(config: CaptionedFolderConfig) -> FolderScan:
     """Reads captions.jsonl, checks and decodes every captioned image, and assigns splits."""
-    folder = config.folder
+    folder = readable_folder(config.folder)
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"CaptionedFolderConfig.folder={folder} does not exist or is not a directory. Point "
                                 f"it at the directory holding your images and {CAPTIONS_FILE}.")
@@ -290,7 +303,7 @@ class CaptionedFolder(tfds.core.GeneratorBasedBuilder):
         size = config.image_size
         return tfds.core.DatasetInfo(
             builder=self,
-            description=config.description or f"Captioned images of {config.folder} at {size}x{size}.",
+            description=config.description or f"Captioned images of {storage.shown(config.folder)} at {size}x{size}.",
             features=tfds.features.FeaturesDict({
                 "image": tfds.features.Image(shape=(size, size, 3), dtype=np.uint8, encoding_format="png"),
                 "caption": tfds.features.Text(),
@@ -308,7 +321,7 @@ class CaptionedFolder(tfds.core.GeneratorBasedBuilder):
         for entry in entries:  # sorted by file, so the captions of one image share one decode
             if entry.file != file:
                 file = entry.file
-                pixels, problem = image_io.load_rgb_square(os.path.join(config.folder, file), config.image_size)
+                pixels, problem = image_io.load_rgb_square(os.path.join(self._scan.folder, file), config.image_size)
                 png = None if problem else encode_png(pixels)
                 if problem:  # the file changed since the scan
                     _skip(self._scan.skipped, problem, file)

@@ -11,6 +11,8 @@ import logging
 import math
 import os
 
+from dalle_jax import storage
+
 EVALUATED = "validation"  # the split of the periodic evaluations
 
 
@@ -25,7 +27,7 @@ def check_data_config(data_cfg) -> None:
             raise ValueError("config.data.dataset=captioned_folder reads your images: pass "
                              "--config.data.folder=DIR, a folder holding them and a captions.jsonl with one "
                              "{\"file\": ..., \"caption\": ...} object per line.")
-        if "://" not in data_cfg.folder and not os.path.isdir(os.path.expanduser(data_cfg.folder)):
+        if not storage.is_remote(data_cfg.folder) and not os.path.isdir(os.path.expanduser(data_cfg.folder)):
             raise FileNotFoundError(f"config.data.folder={data_cfg.folder!r} is not a directory; pass "
                                     "--config.data.folder=DIR, the folder holding your images and captions.jsonl.")
     if data_cfg.dataset != "captioned_shapes" and data_cfg.get("shapes_split_sizes"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 import grain
 import jax
@@ -35,8 +36,22 @@ def _write_small_arrays_whole() -> None:
     ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
 
 
+# Where orbax-checkpoint 0.12 writes: its tensorstore spec maps only gs:// to a bucket driver. An s3:// directory
+# is normalized to the relative path "s3:/...", which it refuses ("Checkpoint path should be absolute").
+CHECKPOINT_SCHEMES = ("gs",)
+
+
+def check_workdir(workdir: str) -> None:
+    """Fails before any work when checkpoints cannot be written under `workdir` (a bucket orbax cannot reach)."""
+    if storage.is_remote(workdir) and os.fspath(workdir).split("://", 1)[0] not in CHECKPOINT_SCHEMES:
+        raise ValueError(f"--workdir={storage.shown(workdir)}: checkpoints can be written to local paths and gs:// "
+                         "only (orbax-checkpoint has no writer for this scheme). Keep the work directory on gs:// or a "
+                         "local disk; datasets (--config.data.data_dir) and exports (--out) may live on s3://.")
+
+
 class Checkpointer:
     def __init__(self, workdir: str, *, keep: int, save_every: int):
+        check_workdir(workdir)
         _write_small_arrays_whole()
         self.directory = storage.join(storage.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(

@@ -228,7 +228,6 @@ def test_config_name_depends_on_size_and_absolute_folder(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("kwargs,field", [
     ({"folder": "", "image_size": 64}, "folder"),
-    ({"folder": "gs://bucket/pics", "image_size": 64}, "folder"),
     ({"folder": "pics", "image_size": 0}, "image_size"),
     ({"folder": "pics", "image_size": 64, "validation_fraction": 1.0}, "validation_fraction"),
     ({"folder": "pics", "image_size": 64, "max_caption_chars": 0}, "max_caption_chars"),
