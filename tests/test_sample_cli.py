@@ -104,7 +104,7 @@ def test_guidance_off_records_no_unconditional_prompt(sampling_workdir, tmp_path
     (["--prompts_file=/nonexistent/prompts.txt"], "does not exist; write one prompt per line"),
     (["--prompt=x", "--num_images=0"], "--num_images=0 must be at least 1"),
     (["--prompt=x", "--batch_size=0"], "--batch_size=0 must be at least 1"),
-    (["--prompt=x", "--top_k=0"], "--top_k=0 must be an integer >= 1"),
+    (["--prompt=x", "--top_k=-1"], "--top_k=-1 must be an integer >= 1"),
     (["--prompt=x", "--top_p=0"], r"--top_p=0.0 must be in \(0, 1\]"),
     (["--prompt=x", "--top_p=1.5"], r"--top_p=1.5 must be in \(0, 1\]"),
     (["--prompt=x", "--temperature=0"], "--temperature=0.0 must be a finite number > 0"),
@@ -142,3 +142,11 @@ def test_bad_work_directories_fail_before_sampling(sampling_workdir, tmp_path, m
         run_cli(f"--workdir={sampling_workdir['workdir']}", f"--vqgan_workdir={tmp_path / 'gone'}", "--prompt=x",
                 out)
     assert not os.path.exists(tmp_path / "grid.png")
+
+
+def test_top_k_zero_turns_off_the_runs_filter(sampling_workdir, tmp_path):  # noqa: F811
+    assert TextToImage.from_workdir(sampling_workdir["workdir"]).default_settings.top_k is not None
+    run_cli(f"--workdir={sampling_workdir['workdir']}", "--prompt=", "--num_images=4", "--batch_size=4",
+            "--cond_scale=1", "--top_k=0", f"--out_dir={tmp_path}")
+    with open(tmp_path / sample.SAMPLES_FILE) as f:
+        assert [json.loads(line)["top_k"] for line in f] == [None] * 4

@@ -40,7 +40,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
                          "--candidates K.", **fv)
     flags.DEFINE_float("cond_scale", None, "Guidance scale (1: off; default: the run's config.sampling).", **fv)
     flags.DEFINE_float("temperature", None, "Softmax temperature (> 0; default: the run's).", **fv)
-    flags.DEFINE_integer("top_k", None, "Sample among the k most likely codes (>= 1; default: the run's).", **fv)
+    flags.DEFINE_integer("top_k", None, "Sample among the k most likely codes (0: all of them; default: the "
+                         "run's).", **fv)
     flags.DEFINE_float("top_p", None, "Nucleus mass in (0, 1] (1: off; default: the run's).", **fv)
     flags.DEFINE_integer("candidates", None, "Draws per image, of which the best-scoring is kept (>= 1; default: "
                          "the run's).", **fv)
@@ -88,7 +89,7 @@ def check_flags(fv: flags.FlagValues) -> dict:
     given = {k: v for k, v in given.items() if v is not None}
     try:
         # The given settings on top of any valid ones: the run's defaults are checked when it is loaded.
-        dataclasses.replace(SamplingSettings(), **given).validate()
+        dataclasses.replace(SamplingSettings(), **dict(given, top_k=given.get("top_k") or None)).validate()
     except ValueError as e:
         raise app.UsageError(f"--{e}") from None
     return given

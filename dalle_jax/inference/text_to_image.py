@@ -162,10 +162,14 @@ class TextToImage:
     def sampling_settings(self, *, temperature: float | None = None, top_k: int | None = None,
                           top_p: float | None = None, cond_scale: float | None = None,
                           candidates: int | None = None) -> SamplingSettings:
-        """`default_settings` with the given fields replaced (None keeps the default), checked."""
+        """`default_settings` with the given fields replaced (None keeps the default; `top_k=0` turns the filter off,
+        as in a run's config.sampling), checked."""
         given = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale,
                      candidates=candidates)
-        settings = dataclasses.replace(self.default_settings, **{k: v for k, v in given.items() if v is not None})
+        given = {k: v for k, v in given.items() if v is not None}
+        if given.get("top_k") == 0 and not isinstance(given["top_k"], bool):
+            given["top_k"] = None
+        settings = dataclasses.replace(self.default_settings, **given)
         settings.validate()
         return settings
 

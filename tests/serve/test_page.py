@@ -43,7 +43,7 @@ def test_the_page_shows_the_apis_images_for_the_prompt_and_seed(server, browser)
     record = reply["images"][0]["record"]
     for part in (f"--workdir '{server['workdir']}'", f"--step {record['step']}", f"--prompt '{PROMPT}'",
                  "--num_images 3", "--seed 5", f"--temperature {record['temperature']}",
-                 f"--cond_scale {record['cond_scale']:g}"):
+                 f"--top_k {record['top_k'] or 0}", f"--cond_scale {record['cond_scale']:g}"):
         assert part in command
     page.close()
 
