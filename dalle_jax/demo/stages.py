@@ -8,11 +8,12 @@ grid for fixed prompts, held-out colour/shape pairs included (`ROOT/samples.png`
 splits (what choices are made on) and the test splits (what is reported) -> `ROOT/report.json`; then it prints where
 those are and commands to try next. The reranker registers itself in `ROOT/dalle`, so `dalle-jax-sample --workdir
 ROOT/dalle` picks with it too. A stage that finished in an earlier run is reused (the report marks it, and times only
-this run); a stage that was interrupted resumes from its checkpoint. A run trained with an older recipe, or from a run that is trained again, is moved aside and trained
+this run; pictures and judgements are made again when the recipe's sampling settings changed); a stage that was interrupted resumes from its checkpoint. A run trained with an older recipe, or from a run that is trained again, is moved aside and trained
 afresh (`demo/reuse.py`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -44,6 +45,7 @@ DEMO_PROMPTS = (
 IMAGES_PER_PROMPT = 8
 # What the demo writes in ROOT besides the work directories.
 SAMPLES_FILE, REPORT_FILE, JUDGED_FILE = "samples.png", "report.json", "judged.json"
+SETTINGS_FILE = "samples_settings.json"  # the sampling settings samples.png was drawn with
 # The validation splits are what recipe and sampling choices are made on; the test splits report the result.
 JUDGED_SPLITS = ("validation", "validation_compositional", "test", "test_compositional")
 
@@ -120,6 +122,8 @@ def run_demo(root: str, max_examples: int, seed: int = 0) -> dict:
     from PIL import Image
 
     pipe = None
+    settings = SamplingSettings.from_config(dalle_config.sampling)
+    settings_path = os.path.join(root, SETTINGS_FILE)
 
     def load():
         nonlocal pipe
@@ -127,17 +131,21 @@ def run_demo(root: str, max_examples: int, seed: int = 0) -> dict:
         # 512 draws per call: 64 images of 8 candidates, so the grid (48 images) and the 500 prompts of a split (8
         # calls) share one compiled shape.
         pipe = pipe or TextToImage.from_workdir(dalle_dir, batch_size=512, reranker_workdir=reranker_dir,
-                                                default_settings=SamplingSettings.from_config(dalle_config.sampling))
+                                                default_settings=settings)
         return pipe
 
-    # Pictures made before the reranker was (re)trained are made again.
+    def draw_grid():
+        Image.fromarray(load()(list(DEMO_PROMPTS), num_images=IMAGES_PER_PROMPT, seed=0).grid()).save(samples_path)
+        _write_json(settings_path, dataclasses.asdict(settings))
+
+    # Pictures made before the reranker was (re)trained, or with other sampling settings, are made again.
     reranker_done = os.path.getmtime(os.path.join(reranker_dir, "test_metrics.json"))
     samples_path = os.path.join(root, SAMPLES_FILE)
-    stages.run("samples", _newer(samples_path, reranker_done), lambda: Image.fromarray(
-        load()(list(DEMO_PROMPTS), num_images=IMAGES_PER_PROMPT, seed=0).grid()).save(samples_path))
+    stages.run("samples", up_to_date(samples_path, reranker_done, _read_json(settings_path), settings), draw_grid)
     judged_path = os.path.join(root, JUDGED_FILE)
-    judged_before = _read_json(judged_path) if _newer(judged_path, reranker_done) else None
-    stages.run("evaluate", bool(judged_before) and set(JUDGED_SPLITS) <= set(judged_before["sets"]), lambda: _write_json(
+    judged_before = _read_json(judged_path) or {}
+    stages.run("evaluate", up_to_date(judged_path, reranker_done, judged_before.get("settings"), settings)
+               and set(JUDGED_SPLITS) <= set(judged_before["sets"]), lambda: _write_json(
         judged_path, evaluate_samples.evaluate_samples(load(), splits=JUDGED_SPLITS, max_examples=max_examples,
                                                        progress=True)))
 
@@ -146,8 +154,10 @@ def run_demo(root: str, max_examples: int, seed: int = 0) -> dict:
     return report
 
 
-def _newer(path: str, than: float) -> bool:
-    return os.path.exists(path) and os.path.getmtime(path) > than
+def up_to_date(path: str, than: float, recorded_settings: dict | None, settings) -> bool:
+    """Whether the output `path` was made after time `than` (the reranker's training) with `settings`."""
+    return (os.path.exists(path) and os.path.getmtime(path) > than
+            and recorded_settings == dataclasses.asdict(settings))
 
 
 def next_steps(root: str, max_examples: int) -> str:

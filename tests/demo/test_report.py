@@ -67,3 +67,18 @@ def test_report_carries_the_exact_and_spec_figures_when_judged_strictly(tmp_path
     assert judged["exact_accuracy"] == 0.25 and judged["spec_accuracy"] == 0.75
     assert judged["exact_accuracy_by_attribute"] == {"color": 0.5, "relation": None}
     assert judged["spec_accuracy_by_attribute"] == {"color": 1.0, "relation": None}
+
+
+def test_pictures_and_judgements_are_made_again_after_retraining_or_with_other_settings(tmp_path):
+    import os
+    from dalle_jax.inference.sampling import SamplingSettings
+    settings = SamplingSettings(temperature=0.7, top_k=8, cond_scale=2.0, candidates=8)
+    recorded = dict(temperature=0.7, top_k=8, top_p=1.0, cond_scale=2.0, candidates=8)
+    made = tmp_path / "judged.json"
+    made.write_text("{}")
+    os.utime(made, (1000, 1000))
+    assert demo.up_to_date(str(made), 999, recorded, settings)
+    assert not demo.up_to_date(str(made), 1001, recorded, settings)  # the reranker was trained again since
+    assert not demo.up_to_date(str(made), 999, dict(recorded, cond_scale=1.5), settings)
+    assert not demo.up_to_date(str(made), 999, None, settings)  # a grid from before its settings were recorded
+    assert not demo.up_to_date(str(tmp_path / "missing.json"), 0, recorded, settings)
