@@ -7,9 +7,10 @@ Stages: build captioned_shapes -> train the VQGAN (`ROOT/vqgan`) -> train the te
 grid for fixed prompts, held-out colour/shape pairs included (`ROOT/samples.png`) -> sample and judge the validation
 splits (what choices are made on) and the test splits (what is reported) -> `ROOT/report.json`; then it prints where
 those are and commands to try next. The reranker registers itself in `ROOT/dalle`, so `dalle-jax-sample --workdir
-ROOT/dalle` picks with it too. A stage that finished in an earlier run is reused (the report marks it, and times only
-this run; pictures and judgements are made again when the recipe's sampling settings changed); a stage that was interrupted resumes from its checkpoint. A run trained with an older recipe, or from a run that is trained again, is moved aside and trained
-afresh (`demo/reuse.py`).
+ROOT/dalle` picks with it too. A stage that finished in an earlier run is reused (the report marks it, and times
+only this run; pictures and judgements are made again when the recipe's sampling settings changed); a stage that was
+interrupted resumes from its checkpoint. A run trained with an older recipe, or from a run that is trained again, is
+moved aside and trained afresh (`demo/reuse.py`).
 """
 from __future__ import annotations
 
