@@ -42,10 +42,11 @@ RERANKER_FILE = "reranker.json"  # in a seq2seq run: the reranker sampling uses 
 TOKENIZER_FILE = "tokenizer.model"  # a seq2seq run's sentencepiece model (min-dalle imports keep their BPE files)
 TOKENIZER_FILES = (TOKENIZER_FILE, min_dalle_tokenizer.VOCAB_FILE, min_dalle_tokenizer.MERGES_FILE)
 # What each trainer's run is called in messages, and the command that makes one.
-KINDS = {
-    "vqgan": ("VQGAN", "dalle-jax-train --config shapes_vqgan --workdir {workdir}"),
-    "seq2seq": ("seq2seq", "dalle-jax-train --config shapes_dalle --workdir {workdir} "
-                           "--config.vqgan_workdir=runs/vqgan"),
+KINDS = {  # each trainer's name in messages, and the command that makes such a run (the demo data's recipes in [])
+    "vqgan": ("VQGAN", "dalle-jax-train --config images_vqgan --workdir {workdir} --config.data.folder=IMAGES "
+                       "[or --config shapes_vqgan]"),
+    "seq2seq": ("seq2seq", "dalle-jax-train --config images_dalle --workdir {workdir} "
+                           "--config.vqgan_workdir=runs/vqgan [or --config shapes_dalle]"),
     "captioner": ("reranker", "dalle-jax-train --config shapes_captioner --workdir {workdir} "
                               "--config.seq2seq_workdir=runs/dalle"),
 }

@@ -155,7 +155,7 @@ def test_loader_errors_name_the_problem_and_the_fix(tmp_path, vqgan_workdir):
     config = vqgan_workdir[1].copy_and_resolve_references()
     runs.save_config(config, str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"no checkpoint in .*checkpoints yet.*dalle-jax-train --config "
-                                                r"shapes_vqgan --workdir"):
+                                                r"images_vqgan --workdir"):
         runs.load_vqgan(str(tmp_path))
     config.trainer = "seq2seq"
     runs.save_config(config, str(tmp_path))
