@@ -98,7 +98,7 @@ def test_loads_the_newest_checkpoint_or_a_chosen_one(sampling_workdir, pipe):
     with pytest.raises(ValueError, match="no checkpoint of step 7; it has steps"):
         runs.load_seq2seq(sampling_workdir["workdir"], pipe.mesh, step=7)
     # The run's config.sampling fills in the settings a call leaves out.
-    assert pipe.default_settings == SamplingSettings(temperature=0.7, top_k=8, top_p=1.0, cond_scale=2.0)
+    assert pipe.default_settings == SamplingSettings(temperature=0.7, top_k=8, top_p=1.0, cond_scale=1.5)
     assert pipe.sampling_settings(top_k=5) == dataclasses.replace(pipe.default_settings, top_k=5)
 
 
