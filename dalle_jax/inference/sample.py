@@ -13,7 +13,6 @@ run (`reranker.json` in its work directory, written when one finishes training),
 names; `--reranker_workdir=""` picks by the seq2seq model's likelihood. Settings not given take the run's
 `config.sampling`.
 """
-import dataclasses
 import json
 import os
 
@@ -86,13 +85,10 @@ def check_flags(fv: flags.FlagValues) -> dict:
         raise app.UsageError(f"--seed={fv.seed} must be in [0, 2**32).")
     given = dict(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p, cond_scale=fv.cond_scale,
                  candidates=fv.candidates)
-    given = {k: v for k, v in given.items() if v is not None}
     try:
-        # The given settings on top of any valid ones: the run's defaults are checked when it is loaded.
-        dataclasses.replace(SamplingSettings(), **dict(given, top_k=given.get("top_k") or None)).validate()
+        return SamplingSettings.overrides(**given)  # the run's own defaults are checked when it is loaded
     except ValueError as e:
         raise app.UsageError(f"--{e}") from None
-    return given
 
 
 def run(fv: flags.FlagValues):

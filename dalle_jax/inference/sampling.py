@@ -53,6 +53,15 @@ class SamplingSettings:
         settings.validate()
         return settings
 
+    @classmethod
+    def overrides(cls, **given) -> dict:
+        """The settings a command was given (None: not given), each checked on its own; `top_k=0` stays, meaning no
+        top-k filter (`TextToImage.sampling_settings` reads it so). Raises ValueError naming the first bad one."""
+        given = {k: v for k, v in given.items() if v is not None}
+        checked = dict(given, top_k=None) if given.get("top_k") == 0 else given
+        dataclasses.replace(cls(), **checked).validate()
+        return given
+
     def validate(self) -> None:
         if not (isinstance(self.temperature, numbers.Real) and math.isfinite(self.temperature)
                 and self.temperature > 0):

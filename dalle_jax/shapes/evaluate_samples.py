@@ -41,7 +41,7 @@ from typing import Sequence
 import numpy as np
 from absl import app, flags, logging
 
-from dalle_jax import command_line
+from dalle_jax import command_line, storage
 from dalle_jax.data import shapes_scene, token_records
 from dalle_jax.shapes import judge as judge_lib, report_file
 from dalle_jax.inference.text_to_image import TextToImage
@@ -58,7 +58,7 @@ class Example:
 
 def split_examples(workdir: str, split: str, max_examples: int | None = None) -> list[Example]:
     """The first `max_examples` (default: all) records of `split` in the work directory's encoded dataset."""
-    source = token_records.open_split(os.path.join(workdir, token_records.ENCODED_DIR), split)
+    source = token_records.open_split(storage.join(workdir, token_records.ENCODED_DIR), split)
     count = len(source) if max_examples is None else min(len(source), max_examples)
     examples = []
     for i in range(count):
@@ -73,11 +73,11 @@ def split_examples(workdir: str, split: str, max_examples: int | None = None) ->
 
 def read_prompts_file(path: str, max_examples: int | None = None) -> list[Example]:
     """Examples from a JSONL file of {"prompt": str, "scene": scene} lines (blank lines skipped)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Prompts file {path!r} does not exist; write one {{\"prompt\": ..., \"scene\": ...}} "
+    if not storage.isfile(path):
+        raise FileNotFoundError(f"Prompts file {storage.shown(path)!r} does not exist; write one {{\"prompt\": ..., \"scene\": ...}} "
                                 "JSON object per line.")
     examples = []
-    with open(path) as f:
+    with storage.open(path) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -194,7 +194,8 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
     flags.DEFINE_integer("seed", 0, "Example i is sampled from (seed, i), or chosen among (seed, iK + c) with "
                          "--candidates K.", **fv)
     flags.DEFINE_float("temperature", None, "Softmax temperature (> 0; default: the run's config.sampling).", **fv)
-    flags.DEFINE_integer("top_k", None, "Sample among the k most likely codes (>= 1; default: the run's).", **fv)
+    flags.DEFINE_integer("top_k", None, "Sample among the k most likely codes (0: all of them; default: the "
+                         "run's).", **fv)
     flags.DEFINE_float("top_p", None, "Nucleus mass in (0, 1] (1: off; default: the run's).", **fv)
     flags.DEFINE_float("cond_scale", None, "Guidance scale (1: off; default: the run's).", **fv)
     flags.DEFINE_integer("candidates", None, "Draws per image, of which the best-scoring is kept (>= 1; default: "
@@ -219,13 +220,12 @@ def run(fv: flags.FlagValues) -> dict:
     given = dict(temperature=fv.temperature, top_k=fv.top_k, top_p=fv.top_p, cond_scale=fv.cond_scale,
                  candidates=fv.candidates)
     try:
-        # The given settings on top of any valid ones: the run's defaults are checked when it is loaded.
-        dataclasses.replace(SamplingSettings(), **{k: v for k, v in given.items() if v is not None}).validate()
+        SamplingSettings.overrides(**given)  # the run's own defaults are checked when it is loaded
     except ValueError as e:
         raise app.UsageError(f"--{e}") from None
     if fv.prompts_file is not None:
         read_prompts_file(fv.prompts_file, fv.max_examples)
-    if fv.reranker_workdir and not os.path.isdir(fv.reranker_workdir):
+    if fv.reranker_workdir and not storage.isdir(fv.reranker_workdir):
         raise app.UsageError(f"--reranker_workdir={fv.reranker_workdir!r} does not exist; train a caption model "
                              "with the shapes_captioner recipe, leave the flag out for the run's registered one, or "
                              "pass --reranker_workdir=\"\" for none.")

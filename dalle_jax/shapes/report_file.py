@@ -1,13 +1,12 @@
-"""Where the evaluation commands write their JSON reports."""
+"""Where the evaluation commands write their JSON reports (a local path or a bucket URL)."""
 from __future__ import annotations
 
 import json
-import os
+
+from dalle_jax import storage
 
 
 def write_report(path: str, report: dict) -> None:
     """Writes `report` as indented JSON to `path`, creating its directory."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
+    storage.makedirs(storage.dirname(storage.abspath(path)))
+    storage.write_atomic(path, json.dumps(report, indent=2) + "\n")

@@ -249,3 +249,11 @@ def test_bad_inputs_are_rejected(split_model):
         sample(split_model, PROMPTS, indices=[-1, 0, 1, 2])
     with pytest.raises(ValueError, match="text_ids"):
         sample(split_model, PROMPTS.astype(np.float32))
+
+
+def test_given_overrides_are_checked_alone_and_top_k_zero_means_no_filter():
+    assert SamplingSettings.overrides(temperature=None, top_k=0, cond_scale=1.5) == dict(top_k=0, cond_scale=1.5)
+    with pytest.raises(ValueError, match="top_k=-1 must be an integer >= 1"):
+        SamplingSettings.overrides(top_k=-1)
+    with pytest.raises(ValueError, match="temperature=0"):
+        SamplingSettings.overrides(temperature=0.0)
