@@ -24,6 +24,12 @@ import shutil
 os.environ.setdefault("EPATH_USE_TF", "false")
 
 from etils import epath  # noqa: E402  (after the variable above, which epath reads once)
+import fsspec  # noqa: E402
+
+# A bucket is written by other processes while this one runs (the other hosts, a resumed run, a trainer beside a
+# sampler); fsspec's listing cache would keep answering with what a directory held when first listed.
+for _scheme in ("gcs", "s3"):
+    fsspec.config.conf.setdefault(_scheme, {})["use_listings_cache"] = False
 
 SCRATCH_ENV = "DALLE_JAX_SCRATCH"
 _USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)[^/@]*@")

@@ -185,7 +185,7 @@ def test_a_long_prompt_is_truncated_with_a_warning(pipe):
     (dict(num_images=0), "num_images=0 must be an integer >= 1"),
     (dict(batch_size=0), "batch_size=0 must be an integer >= 1"),
     (dict(seed=-1), r"seed=-1 must be an integer in \[0, 2\*\*32\)"),
-    (dict(top_k=0), "top_k=0 must be an integer >= 1"),
+    (dict(top_k=-1), "top_k=-1 must be an integer >= 1"),
     (dict(top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
     (dict(temperature=0.0), "temperature=0.0 must be a finite number > 0"),
     (dict(prompts=[]), "prompts must be a non-empty list of str"),

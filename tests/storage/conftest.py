@@ -9,6 +9,8 @@ from tests.conftest import REPO, subprocess_env
 from tests.storage.gcs_server import GcsServer
 
 BUCKET = "runs"
+# The file orbax writes last into a checkpoint in a bucket (which has no rename): the checkpoint is complete.
+COMMITTED = "commit_success.txt"
 
 
 @pytest.fixture(scope="module")
