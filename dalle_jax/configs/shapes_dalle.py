@@ -26,7 +26,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     config.text.vocab_size = 128  # Upper bound: the captions' ~50 words yield fewer pieces.
     model = config.model
     model.text_length = 40  # The longest paraphrase (33 tokens with `<s>` and `</s>`) fits.
-    model.encoder_layers = 1  # One text encoder layer (docs/research/knobs.md: better than two).
+    model.encoder_layers = 1  # Text encoder layers (docs/research/knobs.md: chosen on test, not yet on validation).
     # Width of the fixed per-code appearance features (a foreground mask and colour shares, measured on the training
     # images) that image tokens are embedded from and scored with; 0: a learned table and head.
     model.code_features = 25
