@@ -72,7 +72,7 @@ class CaptionedFolderConfig(tfds.core.BuilderConfig):
         if not folder:
             raise ValueError(f"CaptionedFolderConfig.folder={self.folder!r} must be the path of a directory (or a "
                              f"bucket URL) holding your images and {CAPTIONS_FILE}.")
-        self.folder = folder.rstrip("/") if storage.is_remote(folder) else os.path.abspath(os.path.expanduser(folder))
+        self.folder = _normalized(folder)
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)) \
                 or self.image_size < 1:
             raise ValueError(f"CaptionedFolderConfig.image_size={self.image_size!r} must be a positive int, the "
@@ -88,12 +88,15 @@ class CaptionedFolderConfig(tfds.core.BuilderConfig):
         self.name = config_name(self.folder, self.image_size)
 
 
+def _normalized(folder: str | os.PathLike) -> str:
+    """A bucket URL without a trailing slash, or an absolute local path."""
+    folder = os.fspath(folder)
+    return folder.rstrip("/") if storage.is_remote(folder) else os.path.abspath(os.path.expanduser(folder))
+
+
 def config_name(folder: str | os.PathLike, image_size: int) -> str:
     """`<S>px_<hash of the absolute folder path or URL>`, so two folders never share a data_dir entry."""
-    folder = os.fspath(folder)
-    folder = storage.shown(folder).rstrip("/") if storage.is_remote(folder) else os.path.abspath(os.path.expanduser(
-        folder))
-    return f"{int(image_size)}px_{hashlib.sha256(folder.encode('utf-8')).hexdigest()[:8]}"
+    return f"{int(image_size)}px_{hashlib.sha256(_normalized(folder).encode('utf-8')).hexdigest()[:8]}"
 
 
 def split_of(file: str, validation_fraction: float) -> str:

@@ -53,14 +53,22 @@ class SamplingSettings:
         settings.validate()
         return settings
 
+    def with_overrides(self, **given) -> "SamplingSettings":
+        """These settings with the given fields replaced (None keeps a field; `top_k=0` turns the filter off, as in a
+        run's config.sampling), checked. Raises ValueError naming the first bad field."""
+        given = {k: v for k, v in given.items() if v is not None}
+        if given.get("top_k") == 0 and not isinstance(given["top_k"], bool):
+            given["top_k"] = None
+        settings = dataclasses.replace(self, **given)
+        settings.validate()
+        return settings
+
     @classmethod
     def overrides(cls, **given) -> dict:
-        """The settings a command was given (None: not given), each checked on its own; `top_k=0` stays, meaning no
-        top-k filter (`TextToImage.sampling_settings` reads it so). Raises ValueError naming the first bad one."""
-        given = {k: v for k, v in given.items() if v is not None}
-        checked = dict(given, top_k=None) if given.get("top_k") == 0 else given
-        dataclasses.replace(cls(), **checked).validate()
-        return given
+        """The settings a command was given (None: not given), checked on their own before any run is loaded; they
+        are returned as given (`top_k=0` included) for `with_overrides` on the run's defaults."""
+        cls().with_overrides(**given)
+        return {k: v for k, v in given.items() if v is not None}
 
     def validate(self) -> None:
         if not (isinstance(self.temperature, numbers.Real) and math.isfinite(self.temperature)

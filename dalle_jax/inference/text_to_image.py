@@ -164,14 +164,8 @@ class TextToImage:
                           candidates: int | None = None) -> SamplingSettings:
         """`default_settings` with the given fields replaced (None keeps the default; `top_k=0` turns the filter off,
         as in a run's config.sampling), checked."""
-        given = dict(temperature=temperature, top_k=top_k, top_p=top_p, cond_scale=cond_scale,
-                     candidates=candidates)
-        given = {k: v for k, v in given.items() if v is not None}
-        if given.get("top_k") == 0 and not isinstance(given["top_k"], bool):
-            given["top_k"] = None
-        settings = dataclasses.replace(self.default_settings, **given)
-        settings.validate()
-        return settings
+        return self.default_settings.with_overrides(temperature=temperature, top_k=top_k, top_p=top_p,
+                                                    cond_scale=cond_scale, candidates=candidates)
 
     def encode_prompts(self, prompts: Sequence[str]) -> tuple[np.ndarray, tuple[bool, ...]]:
         """(prompts, text_length) ids of the normalised prompts, warning about each one that was truncated."""

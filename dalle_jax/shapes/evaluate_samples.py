@@ -74,8 +74,8 @@ def split_examples(workdir: str, split: str, max_examples: int | None = None) ->
 def read_prompts_file(path: str, max_examples: int | None = None) -> list[Example]:
     """Examples from a JSONL file of {"prompt": str, "scene": scene} lines (blank lines skipped)."""
     if not storage.isfile(path):
-        raise FileNotFoundError(f"Prompts file {storage.shown(path)!r} does not exist; write one {{\"prompt\": ..., \"scene\": ...}} "
-                                "JSON object per line.")
+        raise FileNotFoundError(f"Prompts file {storage.shown(path)!r} does not exist; write one "
+                                "{\"prompt\": ..., \"scene\": ...} JSON object per line.")
     examples = []
     with storage.open(path) as f:
         for number, line in enumerate(f, start=1):
